@@ -1,0 +1,62 @@
+"""Shared test configuration: Hypothesis profiles and the backend fixture.
+
+Profiles (``NUMOE_HYPOTHESIS_PROFILE``):
+  ci       -- deterministic, small example counts (default)
+  nightly  -- random, many examples
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile(
+    "nightly", deadline=None, max_examples=1000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("NUMOE_HYPOTHESIS_PROFILE", "ci"))
+
+
+def _cuda_ok():
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+CUDA = _cuda_ok()
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def backend(request):
+    """Parametrise a test over the CPU and (when usable) the CUDA backend."""
+    if request.param == "cuda" and not CUDA:
+        pytest.skip("no CUDA device (set NUMBA_ENABLE_CUDASIM=1 for the simulator)")
+    return request.param
+
+
+def to_backend(backend, a):
+    """Move a host array to the backend (None passes through)."""
+    if a is None or backend == "cpu":
+        return a
+    from numba import cuda
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def to_host(a):
+    """Bring a result back to NumPy (device arrays are copied)."""
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a)
+
+
+# tolerances per float dtype, for comparisons with the float64 reference
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+ATOL = {np.float32: 2e-6, np.float64: 1e-13}
