@@ -1,3 +1,214 @@
-"""placeholder: being written"""
-def route(*a, **k): raise NotImplementedError
-def router_probs(*a, **k): raise NotImplementedError
+"""Top-k routing: :func:`route` and :func:`router_probs` (public wrappers)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _validate as V
+from ._backend import backend_of, cuda_module
+from ._types import Routing
+
+SCORES = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2", "max")
+_CHUNK = 256     # rows per scratch allocation in the CPU drivers (any value gives the same bits)
+_RANK_MAX = 32   # top-k: rank up to this many candidates, insert beyond (same result either way)
+
+
+class RouteOptions(NamedTuple):
+    """Validated scalar options of :func:`route` (from :func:`_check_route_options`)."""
+
+    k: int
+    sigmoid: bool
+    renormalize: bool
+    n_groups: int
+    topk_groups: int
+    group_max: bool
+    scale: float
+    grouped: bool      # topk_groups < n_groups: groups restrict the choice
+
+
+def _check_route_options(num_experts, k, score, renormalize, bias_shape, n_groups,
+                         topk_groups, group_score, scale):
+    """Check every scalar option of :func:`route` for ``num_experts`` experts.
+
+    ``bias_shape`` is the shape of the selection bias (``None``: no bias);
+    its values are checked by :func:`_check_bias`. Returns a
+    :class:`RouteOptions` with ``topk_groups`` resolved (``None`` ->
+    ``n_groups``) and ``grouped`` true when groups restrict the choice.
+    Shared with the CUDA backend.
+    """
+    E = num_experts
+    V.choice("score", score, SCORES)
+    V.choice("group_score", group_score, GROUP_SCORES)
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    k = V.integer("k", k, lo=1)
+    if k > E:
+        raise ValueError(f"k must be <= the number of experts ({E}), got {k}")
+    if bias_shape is not None and tuple(bias_shape) != (E,):
+        raise ValueError(f"bias must have shape ({E},) (one entry per expert), "
+                         f"got {tuple(bias_shape)}")
+    n_groups = V.integer("n_groups", n_groups, lo=1)
+    if E % n_groups:
+        raise ValueError(f"n_groups must divide the number of experts ({E}), got {n_groups}")
+    if topk_groups is None:
+        topk_groups = n_groups
+    topk_groups = V.integer("topk_groups", topk_groups, lo=1, hi=n_groups)
+    if topk_groups * (E // n_groups) < k:
+        raise ValueError(
+            f"topk_groups={topk_groups} groups of {E // n_groups} experts leave fewer than "
+            f"k={k} experts to choose from; need topk_groups * (E / n_groups) >= k")
+    scale = V.real("scale", scale)
+    return RouteOptions(k, score == "sigmoid", bool(renormalize), n_groups, topk_groups,
+                        group_score == "max", scale, n_groups > 1 and topk_groups < n_groups)
+
+
+def _check_bias(bias, num_experts):
+    """The selection bias as a float64 ``[E]`` host array (finite), or None."""
+    if bias is None:
+        return None
+    b = V.float_array("bias", bias, dtype=np.float64)
+    V.shape("bias", b, (num_experts,))
+    V.check_finite("bias", b)
+    return b
+
+
+def _logits_2d(logits):
+    """``logits [..., E]`` as a C-contiguous ``[T, E]`` float array, plus the leading shape."""
+    z = V.float_array("logits", logits)
+    if np.ndim(logits) < 1 or z.shape[-1] == 0:     # (ascontiguousarray makes 0-d 1-d)
+        raise ValueError(f"logits must have shape [..., E] with E >= 1 experts, got {z.shape}")
+    return V.tokens_2d("logits", z, min_ndim=1)
+
+
+def _raise_row_status(name, status):
+    """Raise the ValueError that a non-zero per-row status from a CPU driver stands for."""
+    from ._cpu.routing import BAD_VALUE
+
+    bad = np.flatnonzero(status)
+    if bad.size == 0:
+        return
+    t = int(bad[0])
+    if status[t] == BAD_VALUE:
+        raise ValueError(f"{name} holds NaN or +inf (first in token row {t}); only finite "
+                         "values and -inf (masked expert) are allowed")
+    raise ValueError(f"{name} row {t} is -inf for every expert, so its softmax is undefined "
+                     f"({bad.size} bad rows)")
+
+
+def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1,
+          topk_groups=None, group_score="top2", scale=1.0):
+    """Top-k expert choice per token.
+
+    Parameters
+    ----------
+    logits : [..., E] float32 or float64
+        Router logits; leading dims are flattened to T tokens. ``-inf``
+        marks a masked expert (score 0); NaN and ``+inf`` are rejected, as
+        is (for softmax) a row that is ``-inf`` everywhere.
+    k : int
+        Experts per token, ``1 <= k <= E``.
+    score : {"softmax", "sigmoid"}
+        Softmax over all E experts, or an elementwise sigmoid.
+    renormalize : bool
+        Divide the chosen scores by their sum (``+ 1e-20`` guard).
+    bias : [E] float, optional
+        Selection-only bias: experts are chosen by ``s + bias`` while the
+        weights come from the unbiased scores ``s`` (DeepSeek-V3).
+    n_groups : int
+        Split the experts into this many contiguous equal groups.
+    topk_groups : int, optional
+        Keep only the best ``topk_groups`` groups (default: all).
+    group_score : {"top2", "max"}
+        Group score: the sum of its two best selection scores, or the max.
+    scale : float
+        Final multiplier on the weights (routed scaling factor).
+
+    Returns
+    -------
+    Routing
+        ``weights [..., k]`` (input float dtype) and ``experts [..., k]``
+        int32, ordered by descending selection score, ties to the lower id.
+
+    Notes
+    -----
+    Top-k gating after Shazeer et al. (2017), eq. 3-5; group-limited
+    sigmoid routing with a balancing bias after DeepSeek-AI (2024),
+    DeepSeek-V3 report eq. 12-16. Without a bias the choice is made on the
+    logits themselves (the same order as the scores, free of rounding).
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> r = numoe.route(np.array([[1.0, 3.0, 2.0, 3.0]]), 2)
+    >>> r.experts
+    array([[1, 3]], dtype=int32)
+    >>> r.weights
+    array([[0.5, 0.5]])
+    """
+    if backend_of(logits=logits, bias=bias) == "cuda":
+        return cuda_module("routing").route(
+            logits, k, score=score, renormalize=renormalize, bias=bias, n_groups=n_groups,
+            topk_groups=topk_groups, group_score=group_score, scale=scale)
+    z, lead = _logits_2d(logits)
+    E = z.shape[1]
+    opt = _check_route_options(E, k, score, renormalize,
+                               None if bias is None else np.shape(bias), n_groups,
+                               topk_groups, group_score, scale)
+    b = _check_bias(bias, E)
+    from ._cpu import routing as cpu
+
+    T, k = z.shape[0], opt.k
+    weights = np.empty((T, k), dtype=z.dtype)
+    experts = np.empty((T, k), dtype=np.int32)
+    status = np.empty(T, dtype=np.uint8)
+    if T:
+        if b is None and not opt.grouped:
+            cpu.route_plain(z, k, opt.sigmoid, opt.renormalize, opt.scale, _CHUNK, _RANK_MAX,
+                            weights, experts, status)
+        else:
+            use_bias = b is not None
+            cpu.route_general(z, k, opt.sigmoid, opt.renormalize,
+                              b if use_bias else np.zeros(E), use_bias, opt.n_groups,
+                              opt.topk_groups, opt.group_max, opt.scale, _CHUNK, _RANK_MAX,
+                              weights, experts, status)
+        _raise_row_status("logits", status)
+    return Routing(weights.reshape(lead + (k,)), experts.reshape(lead + (k,)))
+
+
+def router_probs(logits, score="softmax"):
+    """Full router scores.
+
+    Parameters
+    ----------
+    logits : [..., E] float32 or float64
+        Router logits (``-inf`` allowed: score 0; NaN/``+inf`` rejected;
+        for softmax a row may not be ``-inf`` everywhere).
+    score : {"softmax", "sigmoid"}
+        Softmax over the experts, or an elementwise sigmoid.
+
+    Returns
+    -------
+    [..., E] float (input dtype)
+        Scores computed in float64 and stored in the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> numoe.router_probs(np.array([[0.0, 0.0]]))
+    array([[0.5, 0.5]])
+    """
+    if backend_of(logits=logits) == "cuda":
+        return cuda_module("routing").router_probs(logits, score=score)
+    V.choice("score", score, SCORES)
+    z, lead = _logits_2d(logits)
+    from ._cpu import routing as cpu
+
+    out = np.empty_like(z)
+    status = np.empty(z.shape[0], dtype=np.uint8)
+    use_sigmoid = score == "sigmoid"
+    if z.size:
+        cpu.probs(z, use_sigmoid, out, status)
+        _raise_row_status("logits", status)
+    return out.reshape(lead + (z.shape[1],))

@@ -1,0 +1,278 @@
+"""CPU kernels for :mod:`numoe.dispatch`: counting-sort dispatch, permute, unpermute.
+
+Everything here trusts its arguments: the public wrappers in
+:mod:`numoe.dispatch` have validated shapes, dtypes and index ranges and
+hand over C-contiguous arrays. Nothing here raises.
+
+Determinism: every parallel loop either writes only what its iteration
+owns (a chunk's histogram row and its own output slots, an expert's own
+segment, a token's own output row) or is an integer reduction, so results
+are bit-identical for any number of threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._jit import driver, kernel
+
+# Drop-policy codes shared with the public wrapper.
+POLICY_SLOT = 0
+POLICY_POSITION = 1
+POLICY_SCORE = 2
+
+# Chunking of the counting sort. The result never depends on the chunking
+# (the sort is stable); these only bound the work per task and the size of
+# the (chunks x experts) histogram. Independent of the thread count.
+CHUNK = 4096
+MAX_HIST_CELLS = 1 << 22
+
+
+def chunk_size(m, num_experts):
+    """Assignments per chunk for ``m`` assignments and ``num_experts`` experts.
+
+    At least :data:`CHUNK`; larger when needed to keep the histogram under
+    ``MAX_HIST_CELLS`` cells (many experts). Depends on sizes only.
+    """
+    max_chunks = max(1, MAX_HIST_CELLS // max(num_experts, 1))
+    return max(CHUNK, -(-m // max_chunks))
+
+
+# ------------------------------------------------------------- serial kernels
+@kernel
+def _chunk_histogram(ex, lo, hi, row):
+    """``row[e]`` += number of ``ex[lo:hi]`` equal to ``e``."""
+    for i in range(lo, hi):
+        row[ex[i]] += 1
+
+
+@kernel
+def _chunk_starts(hist, offsets):
+    """Exclusive prefix over (expert, chunk), in place; fills ``offsets [E+1]``.
+
+    Afterwards ``hist[c, e]`` is the first slot of ``order`` that chunk ``c``
+    writes for expert ``e``.
+    """
+    nch, num_experts = hist.shape
+    run = 0
+    for e in range(num_experts):
+        offsets[e] = run
+        for c in range(nch):
+            h = hist[c, e]
+            hist[c, e] = run
+            run += h
+    offsets[num_experts] = run
+
+
+@kernel
+def _chunk_scatter(ex, lo, hi, cursor, order):
+    """Write flat ids ``lo..hi-1`` to their slots; ``cursor`` is this chunk's row."""
+    for i in range(lo, hi):
+        e = ex[i]
+        order[cursor[e]] = i
+        cursor[e] += 1
+
+
+@kernel
+def _drop_slot(order, lo, hi, k, cap, dropped):
+    """Keep the first ``cap`` of one expert's segment by (slot, token)."""
+    per_slot = np.zeros(k, np.int64)
+    for r in range(lo, hi):
+        per_slot[order[r] % k] += 1
+    jstar = k
+    quota = 0
+    cum = 0
+    for j in range(k):
+        if cum + per_slot[j] > cap:
+            jstar = j
+            quota = cap - cum
+            break
+        cum += per_slot[j]
+    taken = 0
+    for r in range(lo, hi):
+        i = order[r]
+        j = i % k
+        if j > jstar:
+            dropped[i] = True
+        elif j == jstar:
+            if taken >= quota:
+                dropped[i] = True
+            taken += 1
+
+
+@kernel
+def _drop_score(order, lo, hi, cap, w, dropped):
+    """Keep the ``cap`` highest weights of one expert's segment (ties: lower flat id)."""
+    n = hi - lo
+    key = np.empty(n, np.float64)
+    for r in range(n):
+        key[r] = -np.float64(w[order[lo + r]])
+    # the segment is in ascending flat id, and mergesort is stable
+    rank = np.argsort(key, kind="mergesort")
+    for r in range(cap, n):
+        dropped[order[lo + rank[r]]] = True
+
+
+@kernel
+def _combine_row(ys, pos, wt, base, k, zero, row):
+    """``row = ((0 + w0*y0) + w1*y1) + ...`` over the kept slots of one token.
+
+    The first kept slot writes ``zero + w*y`` (the same bits as zero-filling
+    then adding, without the extra pass); no kept slot leaves zeros.
+    """
+    width = row.shape[0]
+    first = True
+    for j in range(k):
+        p = pos[base + j]
+        if p >= 0:
+            wj = wt[j]
+            src = ys[p]
+            if first:
+                for h in range(width):
+                    row[h] = zero + wj * src[h]
+                first = False
+            else:
+                for h in range(width):
+                    row[h] += wj * src[h]
+    if first:
+        for h in range(width):
+            row[h] = zero
+
+
+@kernel
+def _row_copy(src, dst):
+    """``dst[:] = src``."""
+    for h in range(src.shape[0]):
+        dst[h] = src[h]
+
+
+# ------------------------------------------------------------ parallel drivers
+@driver
+def _counting_sort(ex, num_experts, chunk, order, offsets):
+    """Stable sort of flat ids ``0..M-1`` by ``ex``; fills ``order [M]`` and ``offsets [E+1]``."""
+    m = ex.shape[0]
+    nch = (m + chunk - 1) // chunk
+    hist = np.zeros((nch, num_experts), np.int64)
+    for c in prange(nch):
+        _chunk_histogram(ex, c * chunk, min(c * chunk + chunk, m), hist[c])
+    _chunk_starts(hist, offsets)
+    for c in prange(nch):
+        _chunk_scatter(ex, c * chunk, min(c * chunk + chunk, m), hist[c], order)
+
+
+@driver
+def _apply_capacity(order, offsets, k, cap, policy, w, dropped, counts):
+    """Mark assignments beyond ``cap`` per expert in ``dropped [M]``; ``counts`` = kept.
+
+    ``order``/``offsets`` are the dropless sort. Each expert owns its segment.
+    """
+    num_experts = offsets.shape[0] - 1
+    for e in prange(num_experts):
+        lo = offsets[e]
+        hi = offsets[e + 1]
+        n = hi - lo
+        if n <= cap:
+            counts[e] = n
+        else:
+            counts[e] = cap
+            if policy == 0:
+                _drop_slot(order, lo, hi, k, cap, dropped)
+            elif policy == 1:
+                for r in range(lo + cap, hi):
+                    dropped[order[r]] = True
+            else:
+                _drop_score(order, lo, hi, cap, w, dropped)
+
+
+@driver
+def _compact(order, offsets, dropped, new_offsets, new_order):
+    """Copy the kept ids of each expert's segment, in order, to ``new_order``."""
+    num_experts = offsets.shape[0] - 1
+    for e in prange(num_experts):
+        dst = new_offsets[e]
+        for r in range(offsets[e], offsets[e + 1]):
+            i = order[r]
+            if not dropped[i]:
+                new_order[dst] = i
+                dst += 1
+
+
+@driver
+def _permute(x, order, k, xs):
+    """``xs[i] = x[order[i] // k]``; parallel over output rows."""
+    for i in prange(order.shape[0]):
+        _row_copy(x[order[i] // k], xs[i])
+
+
+@driver
+def _inverse_positions(order, dropped, pos):
+    """``pos[order[n]] = n`` (``pos`` pre-filled with -1); returns the number of
+    entries of ``order`` that repeat an id or point at a dropped slot (0 for a
+    valid plan; the wrapper raises otherwise)."""
+    n = order.shape[0]
+    for i in prange(n):
+        pos[order[i]] = i
+    bad = 0
+    for i in prange(n):
+        a = order[i]
+        if pos[a] != i or dropped[a]:
+            bad += 1
+    return bad
+
+
+@driver
+def _unpermute(ys, pos, w, k, zero, out):
+    """``out[t] = sum_j w[t, j] * ys[pos[t*k + j]]`` over kept slots, j ascending.
+
+    Accumulates in ``out``'s dtype (``w`` and ``zero`` already have it);
+    parallel over tokens, each task owns one output row.
+    """
+    num_tokens = out.shape[0]
+    for t in prange(num_tokens):
+        _combine_row(ys, pos, w[t], t * k, k, zero, out[t])
+
+
+# -------------------------------------------------------------- host helpers
+def dispatch_plan(ex, num_experts, k, cap, policy, w, idx_dtype, *, chunk=None):
+    """Build a plan from validated inputs.
+
+    ``ex [M]`` int32/int64 flat expert ids in range; ``cap`` an int or None;
+    ``policy`` a ``POLICY_*`` code; ``w [M]`` float (any float when unused).
+    Returns ``(order, offsets, counts, dropped_flat)``.
+    """
+    m = ex.shape[0]
+    if chunk is None:
+        chunk = chunk_size(m, num_experts)
+    order = np.empty(m, idx_dtype)
+    offsets = np.empty(num_experts + 1, np.int64)
+    _counting_sort(ex, num_experts, chunk, order, offsets)
+    counts = np.diff(offsets)
+    dropped = np.zeros(m, np.bool_)
+    if cap is None or m == 0 or int(counts.max()) <= cap:
+        return order, offsets, counts, dropped
+    kept = np.empty(num_experts, np.int64)
+    _apply_capacity(order, offsets, k, cap, policy, w, dropped, kept)
+    new_offsets = np.zeros(num_experts + 1, np.int64)
+    np.cumsum(kept, out=new_offsets[1:])
+    new_order = np.empty(int(new_offsets[-1]), idx_dtype)
+    _compact(order, offsets, dropped, new_offsets, new_order)
+    return new_order, new_offsets, kept, dropped
+
+
+def permute(x, order, k, xs):
+    """Fill ``xs [N, H]`` from ``x [T, H]`` (both C-contiguous, same float dtype)."""
+    _permute(x, order, k, xs)
+    return xs
+
+
+def inverse_positions(order, dropped_flat):
+    """``pos [M]`` int64 (``-1`` for dropped) and the number of inconsistent entries."""
+    pos = np.full(dropped_flat.shape[0], -1, np.int64)
+    bad = _inverse_positions(order, dropped_flat, pos)
+    return pos, int(bad)
+
+
+def unpermute(ys, pos, w, k, out):
+    """Fill ``out [T, H]`` (C-contiguous, ys dtype); ``w [T, k]`` in out's dtype."""
+    _unpermute(ys, pos, w, k, out.dtype.type(0), out)
+    return out

@@ -1,0 +1,271 @@
+"""Device-array plumbing shared by the CUDA modules (no numoe maths here).
+
+* coercion: numba device arrays pass through, anything exposing
+  ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors) is wrapped
+  zero-copy with :func:`numba.cuda.as_cuda_array`; the CUDA simulator's
+  arrays (``NUMBA_ENABLE_CUDASIM=1``) are accepted as they are;
+* checks of dtype/ndim/shape read the array attributes only (no copies);
+* canonicalisation on the device: a C-contiguous copy of a strided view,
+  a dtype conversion, a fill -- each one small grid-stride kernel;
+* launch geometry: grid sizes bounded by the multiprocessor count (every
+  kernel loops grid-stride), small blocks and grids under the simulator.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+if SIM:  # pragma: no cover - simulator only
+    import sys
+
+    # The simulator runs one Python thread per CUDA thread and its block manager
+    # polls them for syncthreads(); with the default 5 ms GIL switch interval every
+    # barrier costs milliseconds. A short interval makes simulated kernels ~5x faster.
+    if sys.getswitchinterval() > 1e-4:
+        sys.setswitchinterval(1e-5)
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+# ------------------------------------------------------------------ kinds
+def is_device_array(a) -> bool:
+    """True for a numba device array (real or simulated)."""
+    if SIM:
+        return type(a).__module__.startswith("numba.cuda.simulator")
+    return cuda.is_cuda_ndarray(a)
+
+
+def as_device(name, a):
+    """``a`` as a numba device array (zero-copy); TypeError for host data."""
+    if a is None:
+        raise TypeError(f"{name} must be a device array, got None")
+    if is_device_array(a):
+        return a
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{name} must be a device array (numba, CuPy or PyTorch CUDA) like the other "
+            f"arguments, got {type(a).__name__}: cannot mix host and device arrays")
+    try:
+        return cuda.as_cuda_array(a)
+    except Exception as exc:  # noqa: BLE001 - e.g. a tensor that requires grad
+        raise TypeError(f"{name} could not be viewed as a CUDA array ({exc})") from exc
+
+
+def device_name() -> str:
+    """Name of the current device ("simulator" under NUMBA_ENABLE_CUDASIM)."""
+    if SIM:
+        return "CUDA simulator"
+    dev = cuda.get_current_device()
+    return dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Multiprocessors of the current device (2 under the simulator)."""
+    if SIM:
+        return 2
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def grid(n_items, block, per_sm=16):
+    """Blocks for ``n_items`` work items of ``block`` threads, capped (grid-stride loops)."""
+    need = max(1, math.ceil(n_items / block))
+    cap = 1 if SIM else per_sm * sm_count()
+    return int(min(need, cap))
+
+
+SIM_BLOCK = 8     # the simulator runs one Python thread per CUDA thread: keep blocks tiny
+
+
+def block(threads):
+    """Block size to use: ``threads`` on a GPU, at most ``SIM_BLOCK`` in the simulator."""
+    return int(min(threads, SIM_BLOCK)) if SIM else int(threads)
+
+
+# ------------------------------------------------------------- allocation
+def empty(shape, dtype):
+    """An uninitialised C-contiguous device array."""
+    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype))
+
+
+def full(shape, dtype, value):
+    """A device array filled with ``value``."""
+    out = empty(shape, dtype)
+    if out.size:
+        flat = out.reshape(out.size)
+        bs = block(256)
+        _fill[grid(out.size, bs), bs](flat, value)
+    return out
+
+
+def zeros(shape, dtype):
+    return full(shape, dtype, 0)
+
+
+def scalar_from(a):
+    """Copy a small device array to the host (one synchronising copy)."""
+    return a.copy_to_host()
+
+
+# ------------------------------------------------------------- canonical forms
+def contiguous(a):
+    """``a`` if C-contiguous, else a C-contiguous device copy (same dtype)."""
+    if a.is_c_contiguous():
+        return a
+    if a.size == 0:
+        return empty(a.shape, a.dtype)
+    return _copy_strided(a, a.dtype)
+
+
+def astype(a, dtype):
+    """``a`` converted to ``dtype`` on the device (no copy if already so and contiguous)."""
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return contiguous(a)
+    return _copy_strided(a, dtype)
+
+
+def _copy_strided(a, dtype):
+    out = empty(a.shape, dtype)
+    if a.size == 0:
+        return out
+    nd = a.ndim
+    if nd == 0:
+        a = a.reshape(1)
+        out = out.reshape(1)
+        nd = 1
+    if nd > 4:
+        if not a.is_c_contiguous():
+            raise ValueError(f"strided device arrays with more than 4 dims are not "
+                             f"supported (shape {a.shape}); pass a contiguous array")
+        flat_in = a.reshape(a.size)
+        flat_out = out.reshape(out.size)
+        bs = block(256)
+        _convert_1d[grid(a.size, bs), bs](flat_in, flat_out)
+        return out
+    shp = (1,) * (4 - nd) + tuple(a.shape)
+    a4 = _view4(a, shp)
+    o4 = out.reshape(shp)
+    bs = block(256)
+    _convert_4d[grid(a.size, bs), bs](a4, o4)
+    return out
+
+
+def _view4(a, shp):
+    """A 4-D view of ``a`` with leading unit dims (strided arrays allowed)."""
+    if a.ndim == 4:
+        return a
+    if SIM:
+        return a.reshape(shp) if a.is_c_contiguous() else _sim_view(a, shp)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    strides = (0,) * (4 - a.ndim) + tuple(a.strides)
+    return DeviceNDArray(shp, strides, a.dtype, stream=a.stream, gpu_data=a.gpu_data)
+
+
+def _sim_view(a, shp):
+    from numpy.lib.stride_tricks import as_strided
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    host = a._ary
+    strides = (0,) * (4 - host.ndim) + tuple(host.strides)
+    return FakeCUDAArray(as_strided(host, shp, strides))
+
+
+# ------------------------------------------------------------------ checks
+def check_float(name, a, *, ndim=None, min_ndim=None):
+    """TypeError unless float32/float64; ValueError on a wrong number of dims."""
+    if a.dtype not in FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    if min_ndim is not None and a.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(a.shape)}")
+
+
+def check_int(name, a, *, ndim=None):
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+
+
+def check_shape(name, a, expected):
+    if tuple(a.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(a.shape)}")
+
+
+def float_arg(name, a, *, ndim=None, dtype=None):
+    """Validated C-contiguous float device array (converted to ``dtype`` if given)."""
+    d = as_device(name, a)
+    check_float(name, d, ndim=ndim)
+    return astype(d, dtype) if dtype is not None else contiguous(d)
+
+
+def tokens_2d(name, a, *, min_ndim=2):
+    """``[..., X] -> [T, X]`` contiguous float device array, and the leading shape."""
+    d = as_device(name, a)
+    check_float(name, d)
+    if d.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims ([..., X]), "
+                         f"got shape {tuple(d.shape)}")
+    d = contiguous(d)
+    shp = tuple(d.shape)
+    lead = shp[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    return reshape(d, (rows, shp[-1])), lead
+
+
+def int_arg(name, a, *, ndim=None):
+    """Integer device array, C-contiguous, int32 or int64 (other widths converted)."""
+    d = as_device(name, a)
+    check_int(name, d, ndim=ndim)
+    if d.dtype == np.int32 or d.dtype == np.int64:
+        return contiguous(d)
+    return astype(d, np.int64)
+
+
+def reshape(a, shape):
+    """Reshape a contiguous device array (handles empty arrays)."""
+    shape = tuple(int(s) for s in shape)
+    if a.size == 0:
+        return empty(shape, a.dtype)
+    return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
+
+
+# ------------------------------------------------------------------ kernels
+@cuda.jit
+def _fill(out, value):
+    i0 = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(i0, out.shape[0], stride):
+        out[i] = value
+
+
+@cuda.jit
+def _convert_1d(src, dst):
+    i0 = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(i0, src.shape[0], stride):
+        dst[i] = src[i]
+
+
+@cuda.jit
+def _convert_4d(src, dst):
+    n0, n1, n2, n3 = src.shape
+    total = n0 * n1 * n2 * n3
+    i0 = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(i0, total, stride):
+        c3 = i % n3
+        r = i // n3
+        c2 = r % n2
+        r = r // n2
+        c1 = r % n1
+        c0 = r // n1
+        dst[c0, c1, c2, c3] = src[c0, c1, c2, c3]

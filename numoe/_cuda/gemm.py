@@ -1,0 +1,57 @@
+"""Dense ``a @ b`` for device arrays (router logits, shared-expert gate).
+
+The product runs through the grouped kernels of :mod:`numoe._cuda.experts`
+as a single group (one "expert" whose weight is ``b``): the skinny kernel
+for few rows, the tiled one otherwise. Deterministic (one thread per
+output element, fixed summation order).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays as A
+from . import experts as X
+
+
+def matmul(a, b, out=None):
+    """``a [..., K] @ b [K, N] -> [..., N]`` on the device (dtype of ``a``).
+
+    ``b`` must have ``a``'s float dtype (TypeError otherwise: no silent
+    copies of weights). ``out`` (optional) is a C-contiguous device array
+    of the result's shape and dtype.
+    """
+    a2, lead = A.tokens_2d("a", a, min_ndim=1)
+    bd = A.as_device("b", b)
+    A.check_float("b", bd, ndim=2)
+    if bd.dtype != a2.dtype:
+        raise TypeError(f"b has dtype {bd.dtype} but a is {a2.dtype}")
+    M, K = tuple(a2.shape)
+    if bd.shape[0] != K:
+        raise ValueError(f"b must have shape ({K}, N) to match a [..., {K}], "
+                         f"got {tuple(bd.shape)}")
+    N = bd.shape[1]
+    bd = A.contiguous(bd)
+    shape = (M, N)
+    if out is None:
+        res = A.empty(shape, a2.dtype)
+    else:
+        res = A.as_device("out", out)
+        if res.dtype != a2.dtype:
+            raise TypeError(f"out must have dtype {a2.dtype}, got {res.dtype}")
+        if tuple(res.shape) != lead + (N,) and tuple(res.shape) != shape:
+            raise ValueError(f"out must have shape {lead + (N,)}, got {tuple(res.shape)}")
+        if not res.is_c_contiguous():
+            raise ValueError("out must be C-contiguous")
+        res = A.reshape(res, shape)
+    if M and N:
+        if K == 0:
+            A._fill[A.grid(M * N, A.block(256)), A.block(256)](A.reshape(res, (M * N,)), 0)
+        else:
+            off = np.array([0, M], dtype=np.int64)
+            work = X._Work(off, False)
+            w3 = A.reshape(bd, (1, K, N))
+            dummy = A.empty((1,), a2.dtype)
+            didx = A.empty((1,), np.int64)
+            X.grouped_plain(a2, didx, 0, w3, A.empty((1, 1), a2.dtype), False, X.ACT_NONE,
+                            0.0, didx, dummy, False, res, work)
+    return A.reshape(res, lead + (N,))

@@ -1,0 +1,371 @@
+"""CUDA twins of :mod:`numoe.routing`: fused top-k routing, one thread per token row.
+
+Each block stages a tile of ``block`` logits rows in shared memory with
+coalesced loads (row stride ``E + 1``: no bank conflicts when every thread
+then walks its own row), and each thread does the whole row: value check,
+scores, top-k by insertion into a k-long register buffer (only a strictly
+larger value moves ahead, candidates in ascending id: ties to the lower
+id), group limiting, weights. The arithmetic is that of
+:mod:`numoe._cpu.routing` (float64 scores, same formulas), so the experts
+are identical and the weights agree to rounding.
+
+Bad rows (NaN/+inf; softmax rows that are all ``-inf``) are recorded in a
+two-word status buffer (first bad row and its kind via an atomic max of
+``BIG - (4 t + status)``, and the number of bad rows): order-free, so the
+result is deterministic. The wrapper reads it back once and raises the
+same ValueError as the CPU path.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32, float64, int32, int64
+
+from .. import _validate as V
+from .._types import Routing
+from . import _arrays as A
+from ._checks import BIG, Checks
+
+OK = 0
+BAD_VALUE = 1
+ALL_MASKED = 2
+MAX_GROUPS = 64          # group keep-mask is one int64 bit set
+_SMEM_BYTES = 48 * 1024  # static limit for the staged tile
+_BLOCK = 128
+
+
+def _check_logits(logits):
+    z = A.as_device("logits", logits)
+    A.check_float("logits", z)
+    if z.ndim < 1 or tuple(z.shape)[-1] == 0:
+        raise ValueError(f"logits must have shape [..., E] with E >= 1 experts, "
+                         f"got {tuple(z.shape)}")
+    return A.tokens_2d("logits", z, min_ndim=1)
+
+
+def _raise_status(name, res):
+    first, nbad = int(res[0]), int(res[1])
+    if nbad == 0:
+        return
+    key = int(BIG - first)
+    t, st = key // 4, key % 4
+    if st == BAD_VALUE:
+        raise ValueError(f"{name} holds NaN or +inf (first in token row {t}); only finite "
+                         "values and -inf (masked expert) are allowed")
+    raise ValueError(f"{name} row {t} is -inf for every expert, so its softmax is undefined "
+                     f"({nbad} bad rows)")
+
+
+def _tile(E, itemsize):
+    """Rows per block tile, and whether the tile fits in shared memory."""
+    bs = A.block(_BLOCK)
+    while bs > 32 and bs * (E + 1) * itemsize > _SMEM_BYTES:
+        bs //= 2
+    staged = bs * (E + 1) * itemsize <= _SMEM_BYTES
+    return bs, staged
+
+
+# ------------------------------------------------------------------- public
+def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1,
+          topk_groups=None, group_score="top2", scale=1.0):
+    """Device twin of :func:`numoe.route` (same arguments, device arrays in and out)."""
+    from ..routing import _check_route_options
+
+    z, lead = _check_logits(logits)
+    T, E = z.shape
+    b = None
+    if bias is not None:
+        b = A.as_device("bias", bias)
+        A.check_float("bias", b)
+    opt = _check_route_options(E, k, score, renormalize, None if b is None else tuple(b.shape),
+                               n_groups, topk_groups, group_score, scale)
+    if opt.grouped and opt.n_groups > MAX_GROUPS:
+        raise ValueError(f"n_groups must be <= {MAX_GROUPS} on the CUDA backend, "
+                         f"got {opt.n_groups}")
+    checks = Checks()
+    if b is not None:
+        b = A.astype(b, np.float64)
+        checks.finite("bias", b)
+    checks.run()
+    k = opt.k
+    weights = A.empty((T, k), z.dtype)
+    experts = A.empty((T, k), np.int32)
+    if T:
+        res = A.zeros((2,), np.int64)
+        bs, staged = _tile(E, z.dtype.itemsize)
+        general = b is not None or opt.grouped
+        kern = _route_kernel(str(z.dtype), k, staged, general)
+        shmem = bs * (E + 1) * z.dtype.itemsize if staged else 0
+        nt = -(-T // bs)
+        g = A.grid(nt * bs, bs, 4)
+        bias_arr = b if b is not None else A.zeros((E,), np.float64)
+        kern[g, bs, 0, shmem](z, bias_arr, b is not None, opt.sigmoid, opt.renormalize,
+                              opt.n_groups, opt.topk_groups, opt.group_max, opt.grouped,
+                              opt.scale, weights, experts, res)
+        _raise_status("logits", res.copy_to_host())
+    return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,)))
+
+
+def router_probs(logits, score="softmax"):
+    """Device twin of :func:`numoe.router_probs`."""
+    from ..routing import SCORES
+
+    V.choice("score", score, SCORES)
+    z, lead = _check_logits(logits)
+    T, E = z.shape
+    out = A.empty((T, E), z.dtype)
+    if z.size:
+        res = A.zeros((2,), np.int64)
+        bs = A.block(128)
+        _probs_kernel[A.grid(T, bs, 8), bs](z, score == "sigmoid", out, res)
+        _raise_status("logits", res.copy_to_host())
+    return A.reshape(out, lead + (E,))
+
+
+# ------------------------------------------------------------ device helpers
+@cuda.jit(device=True)
+def _sigmoid(x):
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+@cuda.jit(device=True)
+def _row_status(row, E, softmax):
+    bad = False
+    finite = False
+    for e in range(E):
+        v = row[e]
+        if not (v < np.inf):
+            bad = True
+        elif v > -np.inf:
+            finite = True
+    if bad:
+        return BAD_VALUE
+    if softmax and not finite:
+        return ALL_MASKED
+    return OK
+
+
+@cuda.jit(device=True)
+def _record(res, t, st):
+    cuda.atomic.max(res, 0, (int64(1) << 62) - (int64(t) * 4 + st))
+    cuda.atomic.add(res, 1, 1)
+
+
+@cuda.jit(device=True)
+def _score(row, e, sigm, m, total):
+    """Full score of expert ``e`` (softmax needs the row max ``m`` and sum ``total``)."""
+    z = float64(row[e])
+    if sigm:
+        return _sigmoid(z)
+    return math.exp(z - m) / total
+
+
+@cuda.jit(device=True)
+def _write_weights(top, K, renorm, scale, weights, t):
+    if renorm:
+        total = 0.0
+        for j in range(K):
+            total += top[j]
+        d = total + 1e-20
+        for j in range(K):
+            weights[t, j] = top[j] / d * scale
+    else:
+        for j in range(K):
+            weights[t, j] = top[j] * scale
+
+
+@functools.lru_cache(maxsize=None)
+def _route_kernel(dtype, K, staged, general):
+    """Route kernel for float ``dtype``, ``K`` experts per token (a constant: the
+    top-k buffer lives in registers), rows staged in shared memory or read in place,
+    plain (top-k of the logits) or general (bias and/or groups)."""
+    sm_t = float32 if dtype == "float32" else float64
+
+    @cuda.jit(device=True)
+    def insert(tv, ti, n, v, e):
+        # Stable insertion into the descending buffer tv[:n]; returns the new n.
+        if n == K and not (v > tv[K - 1]):
+            return n
+        cv = v
+        ci = e
+        carry = False
+        for j in range(K):
+            if j < n:
+                if carry or cv > tv[j]:
+                    ov = tv[j]
+                    oi = ti[j]
+                    tv[j] = cv
+                    ti[j] = ci
+                    cv = ov
+                    ci = oi
+                    carry = True
+            elif j == n:
+                tv[j] = cv
+                ti[j] = ci
+        return n + 1 if n < K else n
+
+    @cuda.jit(device=True)
+    def plain_row(row, E, sigm, renorm, scale, t, weights, experts, tv, ti):
+        n = 0
+        for e in range(E):
+            n = insert(tv, ti, n, float64(row[e]), e)
+        if sigm:
+            for j in range(K):
+                tv[j] = _sigmoid(tv[j])
+        else:
+            m = tv[0]
+            for j in range(K):
+                tv[j] = math.exp(tv[j] - m)
+            if not renorm:
+                total = 0.0
+                for e in range(E):
+                    total += math.exp(float64(row[e]) - m)
+                for j in range(K):
+                    tv[j] = tv[j] / total
+        for j in range(K):
+            experts[t, j] = ti[j]
+        _write_weights(tv, K, renorm, scale, weights, t)
+
+    @cuda.jit(device=True)
+    def general_row(row, E, bias, use_bias, sigm, renorm, n_groups, topk_groups, group_max,
+                    grouped, scale, t, weights, experts, tv, ti, gs):
+        m = 0.0
+        total = 1.0
+        if not sigm:
+            m = -np.inf
+            for e in range(E):
+                v = float64(row[e])
+                if v > m:
+                    m = v
+            total = 0.0
+            for e in range(E):
+                total += math.exp(float64(row[e]) - m)
+        size = E // n_groups
+        keep = int64(-1)
+        if grouped:
+            for g in range(n_groups):
+                a = -np.inf
+                b = -np.inf
+                for e in range(g * size, (g + 1) * size):
+                    v = _score(row, e, sigm, m, total)
+                    if use_bias:
+                        v = v + bias[e]
+                    if v > a:
+                        b = a
+                        a = v
+                    elif v > b:
+                        b = v
+                if group_max or size == 1:
+                    gs[g] = a
+                else:
+                    gs[g] = a + b
+            keep = int64(0)
+            for g in range(n_groups):
+                rank = 0
+                for h in range(n_groups):
+                    if gs[h] > gs[g] or (gs[h] == gs[g] and h < g):
+                        rank += 1
+                if rank < topk_groups:
+                    keep |= int64(1) << g
+        n = 0
+        for e in range(E):
+            if use_bias:
+                v = _score(row, e, sigm, m, total) + bias[e]
+            else:
+                v = float64(row[e])
+            if grouped and ((keep >> (e // size)) & 1) == 0:
+                v = -np.inf
+            n = insert(tv, ti, n, v, e)
+        for j in range(K):
+            experts[t, j] = ti[j]
+            tv[j] = _score(row, ti[j], sigm, m, total)
+        _write_weights(tv, K, renorm, scale, weights, t)
+
+    @cuda.jit(device=True)
+    def do_row(row, E, t, bias, use_bias, sigm, renorm, n_groups, topk_groups, group_max,
+               grouped, scale, weights, experts, res, tv, ti, gs):
+        st = _row_status(row, E, not sigm)
+        if st != OK:
+            _record(res, t, st)
+        elif general:
+            general_row(row, E, bias, use_bias, sigm, renorm, n_groups, topk_groups,
+                        group_max, grouped, scale, t, weights, experts, tv, ti, gs)
+        else:
+            plain_row(row, E, sigm, renorm, scale, t, weights, experts, tv, ti)
+
+    n_gs = MAX_GROUPS if general else 1
+
+    @cuda.jit
+    def kern(z, bias, use_bias, sigm, renorm, n_groups, topk_groups, group_max, grouped,
+             scale, weights, experts, res):
+        T = z.shape[0]
+        E = z.shape[1]
+        tid = cuda.threadIdx.x
+        bs = cuda.blockDim.x
+        tv = cuda.local.array(K, float64)
+        ti = cuda.local.array(K, int32)
+        gs = cuda.local.array(n_gs, float64)
+        ntiles = (T + bs - 1) // bs
+        if staged:
+            sm = cuda.shared.array(0, sm_t)
+            ld = E + 1
+            dq = bs // E
+            dr = bs - dq * E
+            for tile in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
+                t0 = tile * bs
+                rows = min(bs, T - t0)
+                cuda.syncthreads()
+                r = tid // E
+                c = tid - r * E
+                for _ in range(tid, rows * E, bs):
+                    sm[r * ld + c] = z[t0 + r, c]
+                    r += dq
+                    c += dr
+                    if c >= E:
+                        c -= E
+                        r += 1
+                cuda.syncthreads()
+                t = t0 + tid
+                if t < T:
+                    do_row(sm[tid * ld:tid * ld + E], E, t, bias, use_bias, sigm, renorm,
+                           n_groups, topk_groups, group_max, grouped, scale, weights,
+                           experts, res, tv, ti, gs)
+        else:
+            for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+                do_row(z[t], E, t, bias, use_bias, sigm, renorm, n_groups, topk_groups,
+                       group_max, grouped, scale, weights, experts, res, tv, ti, gs)
+
+    return kern
+
+
+@cuda.jit
+def _probs_kernel(z, sigm, out, res):
+    T = z.shape[0]
+    E = z.shape[1]
+    for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+        row = z[t]
+        st = _row_status(row, E, not sigm)
+        if st != OK:
+            _record(res, t, st)
+            continue
+        if sigm:
+            for e in range(E):
+                out[t, e] = _sigmoid(float64(row[e]))
+        else:
+            m = -np.inf
+            for e in range(E):
+                v = float64(row[e])
+                if v > m:
+                    m = v
+            total = 0.0
+            for e in range(E):
+                x = math.exp(float64(row[e]) - m)
+                out[t, e] = x
+                total += x
+            for e in range(E):        # as the CPU: the stored exp, divided in float64
+                out[t, e] = float64(out[t, e]) / total
