@@ -11,7 +11,12 @@ import numpy as np
 
 def is_device(a) -> bool:
     """True when ``a`` is a GPU array (exposes ``__cuda_array_interface__``)."""
-    return (not isinstance(a, np.ndarray)) and hasattr(a, "__cuda_array_interface__")
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    # arrays of numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) expose no interface
+    return type(a).__module__.startswith("numba.cuda.simulator")
 
 
 def backend_of(**arrays) -> str:
@@ -54,7 +59,8 @@ def backends() -> list:
 
         if cuda.is_available():
             dev = cuda.get_current_device()
-            name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+            name = getattr(dev, "name", "CUDA simulator")   # the simulator's has no name
+            name = name.decode() if isinstance(name, bytes) else str(name)
             out.append(f"cuda: {name}")
     except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
         pass

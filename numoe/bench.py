@@ -22,7 +22,6 @@ compiles, is excluded) taken until a per-measurement time budget is spent.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import fnmatch
 import os
@@ -53,7 +52,7 @@ class Row(NamedTuple):
     k: int               # experts per token
     H: int               # hidden size
     F: int               # expert width
-    options: tuple = ()  # (field, value) pairs replaced on the preset config
+    options: tuple = ()  # (field, value) pairs passed to the preset
     default: bool = True  # part of the suite that ``numoe bench`` runs
 
 
@@ -104,19 +103,17 @@ def select_rows(patterns=None):
 def build_config(row):
     """The ``MoEConfig`` of a registry row."""
     make = getattr(numoe.MoEConfig, row.preset)
-    cfg = make(num_experts=row.E, top_k=row.k, hidden_dim=row.H, expert_dim=row.F)
-    return dataclasses.replace(cfg, **dict(row.options)) if row.options else cfg
+    return make(num_experts=row.E, top_k=row.k, hidden_dim=row.H, expert_dim=row.F,
+                **dict(row.options))
 
 
 def layer_flops(layer, T):
     """Useful FLOPs of one forward of ``T`` tokens: router, routed and shared experts."""
     cfg = layer.config
     H, F, E, k = cfg.hidden_dim, cfg.expert_dim, cfg.num_experts, cfg.top_k
-    glu = getattr(layer, "w_up", None) is not None
-    flops = 2 * T * H * E + 2 * T * k * H * F * (3 if glu else 2)
-    shared = getattr(layer, "shared_up_proj", None)
-    if shared is not None:
-        flops += 2 * T * H * shared.shape[1] * 3
+    flops = 2 * T * H * E + 2 * T * k * H * F * (2 if layer.w_up is None else 3)
+    if layer.shared_up_proj is not None:
+        flops += 2 * T * H * layer.shared_up_proj.shape[1] * 3
     return flops
 
 
@@ -124,7 +121,7 @@ def expert_bytes(layer):
     """Bytes of one routed expert's weights (and biases)."""
     total = 0
     for name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
-        a = getattr(layer, name, None)
+        a = getattr(layer, name)
         if a is not None:
             total += a[0].nbytes
     return total
@@ -214,7 +211,9 @@ def _param(torch, a, dtype):
 
 def _glu_experts(torch, experts, layer, dtype):
     """Copy w_gate/w_up/w_down into HF's [E, 2F, H] / [E, H, F] expert tensors."""
-    gate_up = np.concatenate([layer.w_gate, layer.w_up], axis=2).transpose(0, 2, 1)
+    F = layer.config.expert_dim
+    gate_up = np.empty((layer.config.num_experts, 2 * F, layer.config.hidden_dim), dtype)
+    gate_up[:, :F], gate_up[:, F:] = layer.w_gate.transpose(0, 2, 1), layer.w_up.transpose(0, 2, 1)
     experts.gate_up_proj = _param(torch, gate_up, dtype)
     experts.down_proj = _param(torch, layer.w_down.transpose(0, 2, 1), dtype)
 

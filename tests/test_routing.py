@@ -96,7 +96,7 @@ def assert_route_valid(z, k, w, ex, *, score, renormalize, bias, n_groups, topk_
     for t in differ:
         row_sel = np.where(allowed[t], sel[t], -np.inf)
         srt = np.sort(row_sel)[::-1][:k + 1]
-        expert_tie = np.any(np.abs(np.diff(srt)) <= tol)
+        expert_tie = np.any(srt[:-1] <= srt[1:] + tol)      # (-inf == -inf is a tie too)
         group_tie = False
         if gs is not None:
             gsrt = np.sort(gs[t])[::-1]
@@ -110,7 +110,7 @@ def assert_route_valid(z, k, w, ex, *, score, renormalize, bias, n_groups, topk_
             cut = np.sort(gs[t])[::-1][topk_groups - 1]
             size = z.shape[1] // n_groups
             assert np.all(gs[t][mine // size] >= cut - tol)
-        assert np.all(np.diff(sel[t][mine]) <= tol)
+        assert np.all(sel[t][mine][:-1] + tol >= sel[t][mine][1:])
         if not group_tie:
             np.testing.assert_allclose(np.sort(sel[t][mine]), np.sort(sel[t][ref.experts[t]]),
                                        atol=tol)
@@ -163,15 +163,15 @@ def test_route_properties(problem, score):
     if T:
         sums = w.astype(np.float64).sum(axis=1)
         chosen = R.router_probs(z, score)[np.arange(T)[:, None], ex].sum(axis=1)
-        ok = chosen > 0
-        np.testing.assert_allclose(sums[ok], 1.0, rtol=1e-5 if z.dtype == np.float32 else 1e-12)
-        assert np.all(sums[~ok] == 0)
+        # sum to 1, up to the contract's 1e-20 guard (visible when sigmoid scores are tiny)
+        np.testing.assert_allclose(sums, chosen / (chosen + 1e-20),
+                                   rtol=1e-5 if z.dtype == np.float32 else 1e-12)
         assert all(len(set(row)) == k for row in ex.tolist())
         assert np.all((ex >= 0) & (ex < E))
         # descending logits; equal logits in ascending id
         zc = np.take_along_axis(z, ex, axis=1)
-        assert np.all(np.diff(zc, axis=1) <= 0)
-        assert np.all((np.diff(zc, axis=1) < 0) | (np.diff(ex, axis=1) > 0))
+        assert np.all(zc[:, :-1] >= zc[:, 1:])
+        assert np.all((zc[:, :-1] > zc[:, 1:]) | (ex[:, :-1] < ex[:, 1:]))
 
 
 @given(route_problems(max_T=300, max_E=64))

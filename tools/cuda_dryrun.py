@@ -102,7 +102,7 @@ def _fake_call(self, args, launch_config):
 def install():
     disp.CUDADispatcher.call = _fake_call
     cuda.device_array = lambda shape, dtype=np.float64, **kw: FakeDev(
-        np.ones(shape, dtype=dtype))
+        np.zeros(shape, dtype=dtype))
     cuda.to_device = lambda a, **kw: FakeDev(np.array(a, copy=True))
     from numoe._cuda import _arrays as A
 
@@ -172,7 +172,23 @@ def scenarios():
                                                      0.1)
         yield "stats", lambda: L.routing_stats(ex, 16, weights=w,
                                                plan=D.dispatch_plan(ex, 16))
-        yield "cast", lambda: X.A.astype(d(np.zeros((3, 4, 5), np.int16))[:, 1], dt)
+        yield "cast", lambda: X.A.astype(d(np.zeros((3, 4, 5), np.int16)), dt)
+
+        def compact():
+            order = d(np.zeros(256, np.int32))
+            offs = d(np.zeros(17, np.int64))
+            D._cap_compact[1, 256, 0, 4096](order, offs, d(np.zeros(256, bool)), offs, order)
+        yield "compact", compact
+
+        def epilogues():
+            from numoe._cuda import _cublas as CB
+            g = d(np.zeros((10, 6), dt))
+            b = d(np.zeros((2, 6), dt))
+            tab = d(np.zeros((2, 3), np.int64))
+            CB._act_epilogue[1, 64](g, g, True, b, True, b, False, 0, 1.0, 1.7, g, tab, 2)
+            CB._down_epilogue[1, 64](g, b, True, d(np.zeros(10, np.int64)), d(np.zeros(10, dt)),
+                                     True, tab, 2)
+        yield "cublas epilogues", epilogues
     yield "bench pieces", lambda: None
 
 

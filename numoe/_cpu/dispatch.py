@@ -26,6 +26,8 @@ POLICY_SCORE = 2
 # the (chunks x experts) histogram. Independent of the thread count.
 CHUNK = 4096
 MAX_HIST_CELLS = 1 << 22
+# Below this many output elements permute/unpermute run serially (same bits).
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def chunk_size(m, num_experts):
@@ -146,7 +148,40 @@ def _row_copy(src, dst):
         dst[h] = src[h]
 
 
+# Per-item kernels that the drivers below loop over.
+@kernel
+def _cap_expert(e, order, offsets, k, cap, policy, w, dropped, counts):
+    """Trim expert ``e``'s segment to ``cap`` by the policy; ``counts[e]`` = kept."""
+    lo = offsets[e]
+    hi = offsets[e + 1]
+    if hi - lo <= cap:
+        counts[e] = hi - lo
+        return
+    counts[e] = cap
+    if policy == 0:
+        _drop_slot(order, lo, hi, k, cap, dropped)
+    elif policy == 1:
+        for r in range(lo + cap, hi):
+            dropped[order[r]] = True
+    else:
+        _drop_score(order, lo, hi, cap, w, dropped)
+
+
+@kernel
+def _compact_expert(e, order, offsets, dropped, new_offsets, new_order):
+    """Copy the kept ids of expert ``e``'s segment, in order, to its new slots."""
+    dst = new_offsets[e]
+    for r in range(offsets[e], offsets[e + 1]):
+        i = order[r]
+        if not dropped[i]:
+            new_order[dst] = i
+            dst += 1
+
+
 # ------------------------------------------------------------ parallel drivers
+# Each has a serial twin (``*_serial``, same per-item kernels, same bits) that
+# the host helpers use for small inputs, where starting the thread pool's
+# tasks costs more than the work.
 @driver
 def _counting_sort(ex, num_experts, chunk, order, offsets):
     """Stable sort of flat ids ``0..M-1`` by ``ex``; fills ``order [M]`` and ``offsets [E+1]``."""
@@ -160,41 +195,43 @@ def _counting_sort(ex, num_experts, chunk, order, offsets):
         _chunk_scatter(ex, c * chunk, min(c * chunk + chunk, m), hist[c], order)
 
 
+@kernel
+def _counting_sort_serial(ex, num_experts, order, offsets):
+    """:func:`_counting_sort` with a single chunk."""
+    m = ex.shape[0]
+    hist = np.zeros((1, num_experts), np.int64)
+    _chunk_histogram(ex, 0, m, hist[0])
+    _chunk_starts(hist, offsets)
+    _chunk_scatter(ex, 0, m, hist[0], order)
+
+
 @driver
 def _apply_capacity(order, offsets, k, cap, policy, w, dropped, counts):
     """Mark assignments beyond ``cap`` per expert in ``dropped [M]``; ``counts`` = kept.
 
     ``order``/``offsets`` are the dropless sort. Each expert owns its segment.
     """
-    num_experts = offsets.shape[0] - 1
-    for e in prange(num_experts):
-        lo = offsets[e]
-        hi = offsets[e + 1]
-        n = hi - lo
-        if n <= cap:
-            counts[e] = n
-        else:
-            counts[e] = cap
-            if policy == 0:
-                _drop_slot(order, lo, hi, k, cap, dropped)
-            elif policy == 1:
-                for r in range(lo + cap, hi):
-                    dropped[order[r]] = True
-            else:
-                _drop_score(order, lo, hi, cap, w, dropped)
+    for e in prange(offsets.shape[0] - 1):
+        _cap_expert(e, order, offsets, k, cap, policy, w, dropped, counts)
+
+
+@kernel
+def _apply_capacity_serial(order, offsets, k, cap, policy, w, dropped, counts):
+    for e in range(offsets.shape[0] - 1):
+        _cap_expert(e, order, offsets, k, cap, policy, w, dropped, counts)
 
 
 @driver
 def _compact(order, offsets, dropped, new_offsets, new_order):
     """Copy the kept ids of each expert's segment, in order, to ``new_order``."""
-    num_experts = offsets.shape[0] - 1
-    for e in prange(num_experts):
-        dst = new_offsets[e]
-        for r in range(offsets[e], offsets[e + 1]):
-            i = order[r]
-            if not dropped[i]:
-                new_order[dst] = i
-                dst += 1
+    for e in prange(offsets.shape[0] - 1):
+        _compact_expert(e, order, offsets, dropped, new_offsets, new_order)
+
+
+@kernel
+def _compact_serial(order, offsets, dropped, new_offsets, new_order):
+    for e in range(offsets.shape[0] - 1):
+        _compact_expert(e, order, offsets, dropped, new_offsets, new_order)
 
 
 @driver
@@ -204,16 +241,36 @@ def _permute(x, order, k, xs):
         _row_copy(x[order[i] // k], xs[i])
 
 
+@kernel
+def _permute_serial(x, order, k, xs):
+    for i in range(order.shape[0]):
+        _row_copy(x[order[i] // k], xs[i])
+
+
 @driver
 def _inverse_positions(order, dropped, pos):
     """``pos[order[n]] = n`` (``pos`` pre-filled with -1); returns the number of
     entries of ``order`` that repeat an id or point at a dropped slot (0 for a
-    valid plan; the wrapper raises otherwise)."""
+    valid plan; the wrapper raises otherwise). For a valid plan every write
+    goes to a distinct slot; for a bad one the count is still exact."""
     n = order.shape[0]
     for i in prange(n):
         pos[order[i]] = i
     bad = 0
     for i in prange(n):
+        a = order[i]
+        if pos[a] != i or dropped[a]:
+            bad += 1
+    return bad
+
+
+@kernel
+def _inverse_positions_serial(order, dropped, pos):
+    n = order.shape[0]
+    for i in range(n):
+        pos[order[i]] = i
+    bad = 0
+    for i in range(n):
         a = order[i]
         if pos[a] != i or dropped[a]:
             bad += 1
@@ -227,8 +284,13 @@ def _unpermute(ys, pos, w, k, zero, out):
     Accumulates in ``out``'s dtype (``w`` and ``zero`` already have it);
     parallel over tokens, each task owns one output row.
     """
-    num_tokens = out.shape[0]
-    for t in prange(num_tokens):
+    for t in prange(out.shape[0]):
+        _combine_row(ys, pos, w[t], t * k, k, zero, out[t])
+
+
+@kernel
+def _unpermute_serial(ys, pos, w, k, zero, out):
+    for t in range(out.shape[0]):
         _combine_row(ys, pos, w[t], t * k, k, zero, out[t])
 
 
@@ -238,41 +300,54 @@ def dispatch_plan(ex, num_experts, k, cap, policy, w, idx_dtype, *, chunk=None):
 
     ``ex [M]`` int32/int64 flat expert ids in range; ``cap`` an int or None;
     ``policy`` a ``POLICY_*`` code; ``w [M]`` float (any float when unused).
-    Returns ``(order, offsets, counts, dropped_flat)``.
+    ``chunk`` overrides the chunk size (tests). Returns ``(order, offsets,
+    counts, dropped_flat)``.
     """
     m = ex.shape[0]
     if chunk is None:
         chunk = chunk_size(m, num_experts)
+    par = m > chunk
     order = np.empty(m, idx_dtype)
     offsets = np.empty(num_experts + 1, np.int64)
-    _counting_sort(ex, num_experts, chunk, order, offsets)
+    if par:
+        _counting_sort(ex, num_experts, chunk, order, offsets)
+    else:
+        _counting_sort_serial(ex, num_experts, order, offsets)
     counts = np.diff(offsets)
     dropped = np.zeros(m, np.bool_)
     if cap is None or m == 0 or int(counts.max()) <= cap:
         return order, offsets, counts, dropped
     kept = np.empty(num_experts, np.int64)
-    _apply_capacity(order, offsets, k, cap, policy, w, dropped, kept)
+    (_apply_capacity if par else _apply_capacity_serial)(order, offsets, k, cap, policy, w,
+                                                        dropped, kept)
     new_offsets = np.zeros(num_experts + 1, np.int64)
     np.cumsum(kept, out=new_offsets[1:])
     new_order = np.empty(int(new_offsets[-1]), idx_dtype)
-    _compact(order, offsets, dropped, new_offsets, new_order)
+    (_compact if par else _compact_serial)(order, offsets, dropped, new_offsets, new_order)
     return new_order, new_offsets, kept, dropped
 
 
-def permute(x, order, k, xs):
+def permute(x, order, k, xs, *, parallel=None):
     """Fill ``xs [N, H]`` from ``x [T, H]`` (both C-contiguous, same float dtype)."""
-    _permute(x, order, k, xs)
+    if parallel is None:
+        parallel = xs.size > PARALLEL_MIN_ELEMENTS
+    (_permute if parallel else _permute_serial)(x, order, k, xs)
     return xs
 
 
-def inverse_positions(order, dropped_flat):
+def inverse_positions(order, dropped_flat, *, parallel=None):
     """``pos [M]`` int64 (``-1`` for dropped) and the number of inconsistent entries."""
+    if parallel is None:
+        parallel = order.shape[0] > CHUNK
     pos = np.full(dropped_flat.shape[0], -1, np.int64)
-    bad = _inverse_positions(order, dropped_flat, pos)
+    bad = (_inverse_positions if parallel else _inverse_positions_serial)(
+        order, dropped_flat, pos)
     return pos, int(bad)
 
 
-def unpermute(ys, pos, w, k, out):
+def unpermute(ys, pos, w, k, out, *, parallel=None):
     """Fill ``out [T, H]`` (C-contiguous, ys dtype); ``w [T, k]`` in out's dtype."""
-    _unpermute(ys, pos, w, k, out.dtype.type(0), out)
+    if parallel is None:
+        parallel = ys.size + out.size > PARALLEL_MIN_ELEMENTS
+    (_unpermute if parallel else _unpermute_serial)(ys, pos, w, k, out.dtype.type(0), out)
     return out

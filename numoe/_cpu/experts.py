@@ -39,8 +39,9 @@ from typing import NamedTuple, Optional
 
 import numba
 import numpy as np
+from numba import prange
 
-from .._jit import kernel
+from .._jit import driver, kernel
 
 # Task shapes. Results depend on these (and on the sizes), never on threads.
 SMALL_ROWS = 8          # expert blocks with fewer rows use the streaming kernel
@@ -204,6 +205,84 @@ def stream_down_chunk(h, wd, c0, c1, bd, out):
             if hasb:
                 v += bd[c0 + j]
             out[m, c0 + j] = v
+
+
+# ------------------------------------------------------------ numba driver
+@kernel
+def _blas_block(src, order, k, gather, e, a, b, w1, wu, fused, glu, wd, bg, bu, bd,
+                has_bg, has_bu, has_bd, code, limit, alpha, none, out):
+    """Rows ``a:b`` through expert ``e``: BLAS products, activation, bias."""
+    H = src.shape[1]
+    F = wd.shape[1]
+    m = b - a
+    if gather:
+        xe = np.empty((m, H), dtype=out.dtype)
+        gather_rows(src, order, k, a, b, xe)
+    else:
+        xe = src[a:b]
+    h = np.empty((m, F), dtype=out.dtype)
+    bge = bg[e] if has_bg else none
+    bue = bu[e] if has_bu else none
+    if fused:
+        gu = np.empty((m, 2 * F), dtype=out.dtype)
+        np.dot(xe, w1[e], gu)
+        glu_rows(gu, gu, F, glu, bge, bue, code, limit, alpha, h)
+    else:
+        g = np.empty((m, F), dtype=out.dtype)
+        np.dot(xe, w1[e], g)
+        if glu:
+            u = np.empty((m, F), dtype=out.dtype)
+            np.dot(xe, wu[e], u)
+            glu_rows(g, u, 0, glu, bge, bue, code, limit, alpha, h)
+        else:
+            glu_rows(g, g, 0, glu, bge, bue, code, limit, alpha, h)
+    o = out[a:b]
+    np.dot(h, wd[e], o)
+    if has_bd:
+        add_row_bias(o, bd[e])
+
+
+@driver
+def _experts_driver(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, has_bg,
+                    has_bu, has_bd, code, limit, alpha, none, out, b_e, b_a, b_b,
+                    s_e, s_r0, s_r1, s_c0, s_c1, xsm, hsm, d_e, d_r0, d_r1, d_lo, d_c0, d_c1):
+    """All tasks of one job (see :func:`job_arrays`).
+
+    Stage 1: BLAS row blocks (``b_*``) and the gate/up column chunks of the
+    few-row experts (``s_*``, rows ``xsm[r0:r1]`` -> ``hsm[r0:r1]``);
+    stage 2: their down column chunks (``d_*``). Every task writes only its
+    own rows/columns and is computed the same way on any thread.
+    """
+    F = wd.shape[1]
+    nb = b_e.shape[0]
+    ns = s_e.shape[0]
+    for i in prange(nb + ns):
+        if i < nb:
+            _blas_block(src, order, k, gather, b_e[i], b_a[i], b_b[i], w1, wu, fused, glu, wd,
+                        bg, bu, bd, has_bg, has_bu, has_bd, code, limit, alpha, none, out)
+        else:
+            j = i - nb
+            e = s_e[j]
+            xv = xsm[s_r0[j]:s_r1[j]]
+            hv = hsm[s_r0[j]:s_r1[j]]
+            bge = bg[e] if has_bg else none
+            bue = bu[e] if has_bu else none
+            if fused:
+                stream_glu_chunk(xv, w1[e], 0, w1[e], F, glu, s_c0[j], s_c1[j], bge, bue,
+                                 code, limit, alpha, hv)
+            elif glu:
+                stream_glu_chunk(xv, w1[e], 0, wu[e], 0, glu, s_c0[j], s_c1[j], bge, bue,
+                                 code, limit, alpha, hv)
+            else:
+                stream_glu_chunk(xv, w1[e], 0, w1[e], 0, glu, s_c0[j], s_c1[j], bge, bue,
+                                 code, limit, alpha, hv)
+    for i in prange(d_e.shape[0]):
+        e = d_e[i]
+        r0 = d_r0[i]
+        r1 = d_r1[i]
+        lo = d_lo[i]
+        bde = bd[e] if has_bd else none
+        stream_down_chunk(hsm[r0:r1], wd[e], d_c0[i], d_c1[i], bde, out[lo:lo + r1 - r0])
 
 
 # ------------------------------------------------------------------ the pool
@@ -408,7 +487,81 @@ def _stream_tasks(job, small, H, F, glu, none):
     return s1, s2
 
 
+MODE = "numba"
+
+
+def _job_arrays(job):
+    """Task arrays of one job for :func:`_experts_driver`."""
+    E = job.w1.shape[0]
+    H = job.w1.shape[1]
+    F = job.w_down.shape[1]
+    Hout = job.w_down.shape[2]
+    glu = job.fused or job.w_up is not None
+    dt = job.out.dtype
+    offsets = [int(v) for v in job.offsets]
+    step = _rows_per_task(H, F, glu)
+    big, small = [], []
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi - lo >= SMALL_ROWS:
+            big += [(b - a, e, a, b) for a, b in _blocks(lo, hi, step)]
+        elif hi > lo:
+            small.append((e, lo, hi))
+    big.sort(key=lambda t: (-t[0], t[1], t[2]))      # largest first (any order is exact)
+    rows = sum(hi - lo for _, lo, hi in small)
+    xsm = np.empty((rows, job.src.shape[1]), dtype=dt)
+    hsm = np.empty((rows, F), dtype=dt)
+    s_t, d_t = [], []
+    r = 0
+    for e, lo, hi in small:
+        n = hi - lo
+        if job.order is None:
+            xsm[r:r + n] = job.src[lo:hi]
+        else:
+            gather_rows(job.src, job.order, job.k, lo, hi, xsm[r:r + n])
+        s_t += [(e, r, r + n, c0, min(F, c0 + CHUNK_COLS)) for c0 in range(0, F, CHUNK_COLS)]
+        d_t += [(e, r, r + n, lo, c0, min(Hout, c0 + CHUNK_COLS))
+                for c0 in range(0, Hout, CHUNK_COLS)]
+        r += n
+    col = lambda rows_, i: np.array([t[i] for t in rows_], dtype=np.int64)  # noqa: E731
+    b = [col(big, i) for i in (1, 2, 3)]
+    st = [col(s_t, i) for i in range(5)]
+    dd = [col(d_t, i) for i in range(6)]
+    return b, st, dd, xsm, hsm
+
+
+def _run_job_numba(job):
+    dt = job.out.dtype
+    glu = job.fused or job.w_up is not None
+    dummy = np.zeros((1, 1), dtype=dt)
+    none = np.empty(0, dtype=dt)
+    b, st, dd, xsm, hsm = _job_arrays(job)
+    gather = job.order is not None
+    order = job.order if gather else np.empty(0, np.int64)
+    wu = job.w_up if job.w_up is not None else job.w1
+    _experts_driver(job.src, order, job.k, gather, job.w1, wu, job.fused, glu, job.w_down,
+                    dummy if job.b_gate is None else job.b_gate,
+                    dummy if job.b_up is None else job.b_up,
+                    dummy if job.b_down is None else job.b_down,
+                    job.b_gate is not None, job.b_up is not None, job.b_down is not None,
+                    job.code, job.limit, job.alpha, none, job.out, *b, *st, xsm, hsm, *dd)
+
+
+CHUNKSIZE = 1
+
+
 def run_jobs(jobs):
+    """Run several jobs (each job's tasks spread over the threads)."""
+    if MODE == "numba":
+        with _LOCK, _blas_controller().limit(limits=1, user_api="blas"), \
+                numba.parallel_chunksize(CHUNKSIZE):
+            for job in jobs:
+                _run_job_numba(job)
+        return
+    run_jobs_pool(jobs)
+
+
+def run_jobs_pool(jobs):
     """Run several jobs together (their tasks share the threads)."""
     s1, s2 = [], []
     for job in jobs:

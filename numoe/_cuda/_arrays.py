@@ -160,6 +160,8 @@ def _view4(a, shp):
     """A 4-D view of ``a`` with leading unit dims (strided arrays allowed)."""
     if a.ndim == 4:
         return a
+    if a.is_c_contiguous():
+        return a.reshape(*shp)
     if SIM:
         return a.reshape(shp) if a.is_c_contiguous() else _sim_view(a, shp)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray

@@ -50,15 +50,24 @@ SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny
 
 
 # ----------------------------------------------------------------- configs
+#: host-side overrides of the tile shapes (benchmarks / tuning); keys "glu", "plain", "skinny"
+TILE_OVERRIDE: dict = {}
+
+
 def _tiled_cfg(glu):
     """(BM, BN, BK, TM, TN) for the tiled kernels."""
+    key = "glu" if glu else "plain"
+    if key in TILE_OVERRIDE:
+        return TILE_OVERRIDE[key]
     if A.SIM:
-        return (8, 8, 4, 2, 2) if glu else (8, 8, 4, 2, 2)
+        return (8, 8, 4, 2, 2)
     return (128, 64, 8, 8, 4) if glu else (128, 128, 8, 8, 8)
 
 
 def _skinny_cfg():
     """(BMS, NT, KC, UNROLL): rows per tile, threads (= columns) per block, K chunk, unroll."""
+    if "skinny" in TILE_OVERRIDE:
+        return TILE_OVERRIDE["skinny"]
     if A.SIM:
         return (4, 8, 8, 2)
     return (8, 128, 256, 8)

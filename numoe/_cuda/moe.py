@@ -1,0 +1,122 @@
+"""Fused device forward of a :class:`numoe.MoELayer` (weights on the GPU).
+
+The same maths as the layer's public-op chain, with the shortcuts that only
+a whole-layer driver may take:
+
+* the plan is built straight from the routing (already validated), with no
+  second check of the ids;
+* expert rows are read from ``x`` through the plan (no ``[N, H]`` permuted
+  copy) and the down projection multiplies each row by its routing weight
+  in its epilogue, so the combine is a plain fixed-order sum per token;
+* two host synchronisations per call: the routing status and the offsets
+  that size the GEMM work list.
+
+Used by ``numoe._cuda.bench`` and available to the layer as
+``numoe._cuda.moe.forward(layer, x)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float64
+
+from .._types import DispatchPlan
+from . import _arrays as A
+from . import dispatch as D
+from . import experts as X
+from . import gemm as G
+from . import routing as R
+
+
+def _layer_code(cfg):
+    from ..experts import _check_expert_options
+
+    return _check_expert_options(cfg.activation, cfg.limit, cfg.alpha, cfg.glu)
+
+
+def forward(layer, x, *, gemm=None, return_parts=False):
+    """``y = layer(x)`` for a device layer (``layer.to_device()``) and device ``x [..., H]``.
+
+    ``gemm``: ``None``/"numba" (numba kernels) or "cublas" (CuPy's cuBLAS for
+    experts with many rows). ``return_parts``: also return ``(logits, routing,
+    plan)``.
+    """
+    cfg = layer.config
+    x2, lead = A.tokens_2d("x", x)
+    T, H = tuple(x2.shape)
+    E, k = cfg.num_experts, cfg.top_k
+    logits = G.matmul(x2, layer.router)
+    if layer.router_bias is not None and T:
+        bs = A.block(256)
+        _add_row[A.grid(T * E, bs), bs](logits, layer.router_bias)
+    routing = R.route(logits, k, score=cfg.score, renormalize=cfg.renormalize,
+                      bias=layer.selection_bias, n_groups=cfg.n_groups,
+                      topk_groups=cfg.topk_groups, group_score=cfg.group_score,
+                      scale=cfg.scale)
+    m = T * k
+    flat = A.reshape(routing.experts, (m,))
+    order, offsets, counts = D.multisplit(flat, E)
+    dropped = A.zeros((m,), np.bool_)
+    cap = None
+    if cfg.capacity_factor is not None:
+        from ..dispatch import capacity
+
+        cap = capacity(T, E, k, cfg.capacity_factor)
+        if m:
+            order, offsets, counts = D._apply_capacity(order, offsets, counts, k, cap,
+                                                       cfg.drop_policy, routing.weights,
+                                                       dropped, E)
+    off_host = offsets.copy_to_host()
+    N = int(off_host[-1])
+    y = A.empty((T, H), x2.dtype)
+    opts = _layer_code(cfg)
+    if N:
+        ys = A.empty((N, H), x2.dtype)
+        wflat = A.reshape(routing.weights, (m,))
+        X.run_ffn(x2, order, k, off_host, layer.w_gate, layer.w_up, layer.w_down,
+                  layer.b_gate, layer.b_up, layer.b_down, opts.code, opts.limit, opts.alpha,
+                  ys, order, wflat, gemm=gemm)
+        pos = D.inverse_positions(order, dropped)
+        D.combine(ys, pos, wflat, k, y, weighted=False)
+    elif T:
+        A._fill[A.grid(T * H, A.block(256)), A.block(256)](A.reshape(y, (T * H,)), 0)
+    shared = getattr(layer, "_dev", {}).get("shared") if hasattr(layer, "_dev") else None
+    if shared is not None and T:
+        sg, su, sd = shared
+        sh = A.empty((T, H), x2.dtype)
+        X.run_ffn(x2, None, 0, np.array([0, T], np.int64), sg, su, sd, None, None, None,
+                  0, math.inf, 1.702, sh, None, None, gemm=gemm)
+        gw = layer.shared_gate_weight
+        gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)))
+        bs = A.block(256)
+        _add_shared[A.grid(T * H, bs), bs](y, sh, gate if gate is not None else sh,
+                                           gate is not None)
+    y = A.reshape(y, lead + (H,))
+    if return_parts:
+        plan = DispatchPlan(order, offsets, counts, A.reshape(dropped, (T, k)), cap)
+        return y, (logits, routing, plan)
+    return y
+
+
+@cuda.jit
+def _add_row(a, b):
+    n = a.shape[0] * a.shape[1]
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        e = i % a.shape[1]
+        a[i // a.shape[1], e] += b[e]
+
+
+@cuda.jit
+def _add_shared(y, sh, gate, gated):
+    """``y[t] += sigmoid(gate[t]) * sh[t]`` (or ``+= sh[t]``), gate in float64."""
+    H = y.shape[1]
+    n = y.shape[0] * H
+    for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+        t = i // H
+        j = i - t * H
+        if gated:
+            g = 1.0 / (1.0 + math.exp(-float64(gate[t, 0])))
+            y[t, j] += g * sh[t, j]
+        else:
+            y[t, j] += sh[t, j]

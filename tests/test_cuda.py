@@ -1,0 +1,383 @@
+"""Device-only tests of the CUDA backend (``numoe._cuda``).
+
+Run on a GPU, or on the CPU with ``NUMBA_ENABLE_CUDASIM=1`` (numba's CUDA
+simulator; sizes are kept tiny: T <= 64, E <= 16, H <= 32). The oracle is
+the CPU backend (integers exact) and ``numoe.reference`` (floats).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numoe
+from numoe import reference as ref
+
+from conftest import ATOL, CUDA, RTOL, SIM
+
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="no CUDA device (set NUMBA_ENABLE_CUDASIM=1 for the simulator)")
+DTYPES = (np.float32, np.float64)
+
+
+def dev(a):
+    from numba import cuda
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def is_numba_device(a):
+    from numoe._cuda import _arrays as A
+    return A.is_device_array(a)
+
+
+def close(got, want, dtype):
+    np.testing.assert_allclose(host(got), want, rtol=RTOL[dtype] * 10, atol=ATOL[dtype] * 10)
+
+
+# ------------------------------------------------------------ no GPU needed
+def test_import_does_not_load_cuda_modules():
+    code = ("import sys, numoe; "
+            "bad = [m for m in sys.modules if m.startswith('numoe._cuda.')]; "
+            "assert not bad, bad; print('ok')")
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------- backends
+@needs_cuda
+def test_backends_lists_cuda():
+    names = numoe.backends()
+    assert names[0] == "cpu"
+    assert any(n.startswith("cuda: ") for n in names), names
+
+
+@needs_cuda
+def test_mixed_host_and_device_is_type_error():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((6, 4))
+    with pytest.raises(TypeError, match="mix"):
+        numoe.route(z, 2, bias=dev(np.zeros(4)))
+    ex = np.array([[0, 1], [1, 2]], np.int32)
+    with pytest.raises(TypeError, match="mix"):
+        numoe.dispatch_plan(dev(ex), 3, weights=np.ones((2, 2)))
+    plan = numoe.dispatch_plan(ex, 3)
+    with pytest.raises(TypeError, match="mix"):
+        numoe.permute(dev(np.ones((2, 4))), plan)
+    with pytest.raises(TypeError, match="mix"):
+        numoe.expert_ffn(dev(np.ones((4, 3))), plan.offsets, np.ones((3, 3, 2)),
+                         np.ones((3, 3, 2)), np.ones((3, 2, 3)))
+    from numoe._cuda import routing as R
+    with pytest.raises(TypeError, match="device array"):
+        R.route(z, 2)
+
+
+@needs_cuda
+def test_outputs_are_numba_device_arrays():
+    rng = np.random.default_rng(1)
+    z = dev(rng.standard_normal((10, 4)).astype(np.float32))
+    r = numoe.route(z, 2)
+    p = numoe.dispatch_plan(r.experts, 4)
+    x = dev(rng.standard_normal((10, 8)).astype(np.float32))
+    xs = numoe.permute(x, p)
+    y = numoe.unpermute(xs, p, r.weights)
+    for a in (r.weights, r.experts, p.order, p.offsets, p.counts, p.dropped, xs, y):
+        assert is_numba_device(a)
+    assert host(r.weights).dtype == np.float32 and host(r.experts).dtype == np.int32
+    assert host(p.offsets).dtype == np.int64 and host(p.dropped).dtype == np.bool_
+    np.testing.assert_allclose(host(y), numoe.unpermute(
+        numoe.permute(host(x), numoe.dispatch_plan(host(r.experts), 4)),
+        numoe.dispatch_plan(host(r.experts), 4), host(r.weights)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ routing
+ROUTE_CASES = [
+    (24, 8, 2, {}),
+    (24, 8, 3, dict(score="sigmoid", scale=2.5)),
+    (16, 6, 6, dict(renormalize=False)),                     # k == E
+    (5, 1, 1, {}),                                           # one expert
+    (0, 4, 2, {}),                                           # no tokens
+    (12, 16, 4, dict(score="sigmoid", bias=True, n_groups=4, topk_groups=2)),
+    (12, 16, 4, dict(n_groups=8, topk_groups=3, group_score="max")),
+    (12, 8, 2, dict(bias=True, renormalize=False)),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E,k,kw", ROUTE_CASES)
+def test_route_matches_cpu(dtype, T, E, k, kw):
+    rng = np.random.default_rng(T + E + k)
+    z = rng.standard_normal((T, E)).astype(dtype)
+    if T > 3:
+        z[0] = 1.0                       # all equal: ties go to the lower ids
+        z[1] = np.round(z[1])
+        z[2, : E // 2] = -np.inf         # masked experts
+    ckw = dict(kw)
+    dkw = dict(kw)
+    if kw.get("bias"):
+        b = rng.standard_normal(E) * 0.1
+        ckw["bias"], dkw["bias"] = b, dev(b)
+    want = numoe.route(z, k, **ckw)
+    got = numoe.route(dev(z), k, **dkw)
+    np.testing.assert_array_equal(host(got.experts), want.experts)
+    close(got.weights, ref.route(z, k, **ckw).weights, dtype)
+    assert host(got.weights).dtype == dtype
+
+
+@needs_cuda
+def test_route_leading_dims_and_probs():
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((2, 3, 5))
+    r = numoe.route(dev(z), 2)
+    assert tuple(r.weights.shape) == (2, 3, 2)
+    np.testing.assert_array_equal(host(r.experts), numoe.route(z, 2).experts)
+    for score in ("softmax", "sigmoid"):
+        p = numoe.router_probs(dev(z), score)
+        close(p, ref.router_probs(z, score), np.float64)
+
+
+@needs_cuda
+def test_route_rejects_bad_values():
+    z = np.zeros((4, 5))
+    z[2, 1] = np.nan
+    with pytest.raises(ValueError, match="row 2"):
+        numoe.route(dev(z), 2)
+    z = np.zeros((4, 5))
+    z[1] = -np.inf
+    with pytest.raises(ValueError, match="softmax is undefined"):
+        numoe.route(dev(z), 2)
+    with pytest.raises(ValueError, match="k must be <="):
+        numoe.route(dev(np.zeros((4, 5))), 6)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        numoe.route(dev(np.zeros((4, 5), np.int32)), 2)
+    with pytest.raises(ValueError, match="bias"):
+        numoe.route(dev(np.zeros((4, 5))), 2, bias=dev(np.array([0, 0, np.inf, 0, 0.0])))
+
+
+# ----------------------------------------------------------------- dispatch
+PLAN_CASES = [(30, 2, 8, None, "slot"), (30, 3, 5, 4, "slot"), (30, 3, 5, 4, "position"),
+              (30, 3, 5, 4, "score"), (0, 2, 4, None, "slot"), (20, 1, 1, 7, "slot"),
+              (20, 4, 4, 3, "score")]
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,k,E,cap,policy", PLAN_CASES)
+def test_dispatch_plan_matches_cpu(T, k, E, cap, policy):
+    rng = np.random.default_rng(T * 7 + k)
+    ex = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    if T:
+        ex[: T // 2, 0] = 0              # overflow expert 0
+    w = (rng.integers(-2, 5, size=(T, k)) * 0.25).astype(np.float32)   # many ties
+    if T > 2:
+        w[1, 0], w[2, 0] = -0.0, 0.0
+    want = numoe.dispatch_plan(ex, E, capacity=cap, weights=w, drop_policy=policy)
+    got = numoe.dispatch_plan(dev(ex), E, capacity=cap, weights=dev(w), drop_policy=policy)
+    for f in ("order", "offsets", "counts", "dropped"):
+        np.testing.assert_array_equal(host(getattr(got, f)), getattr(want, f), err_msg=f)
+        assert host(getattr(got, f)).dtype == getattr(want, f).dtype, f
+    assert got.capacity == cap
+
+
+@needs_cuda
+def test_dispatch_plan_int64_ids_and_errors():
+    ex = np.array([[2, 0], [1, 2]], np.int64)
+    got = numoe.dispatch_plan(dev(ex), 3)
+    np.testing.assert_array_equal(host(got.order), numoe.dispatch_plan(ex, 3).order)
+    with pytest.raises(ValueError, match="out of range"):
+        numoe.dispatch_plan(dev(np.array([[0, 5]])), 3)
+    with pytest.raises(ValueError, match="negative"):
+        numoe.dispatch_plan(dev(np.array([[0, -1]])), 3)
+    with pytest.raises(ValueError, match="finite"):
+        numoe.dispatch_plan(dev(ex), 3, weights=dev(np.array([[1.0, np.nan], [1, 1]])))
+    with pytest.raises(TypeError, match="integer"):
+        numoe.dispatch_plan(dev(ex.astype(np.float32)), 3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_permute_unpermute_match_cpu(dtype):
+    rng = np.random.default_rng(5)
+    T, k, E, H = 20, 3, 5, 12
+    ex = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    w = rng.random((T, k)).astype(dtype)
+    x = rng.standard_normal((T, H)).astype(dtype)
+    cplan = numoe.dispatch_plan(ex, E, capacity=9)
+    plan = numoe.dispatch_plan(dev(ex), E, capacity=9)
+    out = dev(np.full((int(cplan.offsets[-1]), H), np.nan, dtype))
+    xs = numoe.permute(dev(x.reshape(4, 5, H)), plan, out=out)
+    assert xs is out or host(xs).shape == host(out).shape
+    np.testing.assert_array_equal(host(out), numoe.permute(x, cplan))
+    ys = rng.standard_normal(host(out).shape).astype(dtype)
+    y1 = host(numoe.unpermute(dev(ys), plan, dev(w)))
+    y2 = host(numoe.unpermute(dev(ys), plan, dev(w)))
+    np.testing.assert_array_equal(y1, y2)                 # bit-reproducible
+    close(y1, ref.unpermute(ys, cplan, w), dtype)
+
+
+@needs_cuda
+def test_invalid_device_plans_are_rejected():
+    ex = np.array([[0, 1], [1, 2]], np.int32)
+    p = numoe.dispatch_plan(dev(ex), 3)
+    x = dev(np.ones((2, 4)))
+    bad = p._replace(order=dev(np.array([0, 1, 2, 9], np.int32)))
+    with pytest.raises(ValueError, match="plan.order"):
+        numoe.permute(x, bad)
+    bad = p._replace(counts=dev(np.array([1, 1, 2], np.int64)))
+    with pytest.raises(ValueError, match="plan.counts"):
+        numoe.permute(x, bad)
+    bad = p._replace(order=dev(np.array([1, 1, 2, 3], np.int32)))
+    with pytest.raises(ValueError, match="repeats ids"):
+        numoe.unpermute(dev(np.ones((4, 4))), bad, dev(np.ones((2, 2))))
+    with pytest.raises(ValueError, match="tokens"):
+        numoe.permute(dev(np.ones((3, 4))), p)
+
+
+# ------------------------------------------------------------------ experts
+FFN_CASES = [(True, "silu", False, None), (True, "gelu", True, None),
+             (True, "swiglu_oai", True, 1.5), (False, "relu", True, None),
+             (False, "gelu_tanh", False, None)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("glu,act,bias,limit", FFN_CASES)
+def test_expert_ffn_matches_reference(dtype, glu, act, bias, limit):
+    rng = np.random.default_rng(7)
+    E, H, F = 3, 12, 10
+    # expert 2 gets more rows than the skinny limit in a real run; the simulator
+    # uses small tiles, so both kernel families run either way
+    counts = np.array([5, 0, 11])
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    xs = rng.standard_normal((off[-1], H)).astype(dtype)
+    wg = (rng.standard_normal((E, H, F)) * 0.3).astype(dtype)
+    wu = (rng.standard_normal((E, H, F)) * 0.3).astype(dtype) if glu else None
+    wd = (rng.standard_normal((E, F, H)) * 0.3).astype(dtype)
+    b = lambda *s: (rng.standard_normal(s) * 0.1).astype(dtype) if bias else None  # noqa
+    bg, bu, bd = b(E, F), (b(E, F) if glu else None), b(E, H)
+    kw = dict(activation=act, b_gate=bg, b_up=bu, b_down=bd, limit=limit)
+    d = lambda a: None if a is None else dev(a)  # noqa: E731
+    want = ref.expert_ffn(xs, off, wg, wu, wd, **kw)
+    got = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act, b_gate=d(bg),
+                           b_up=d(bu), b_down=d(bd), limit=limit)
+    assert is_numba_device(got)
+    close(got, want, dtype)
+    # both kernel families on the same problem
+    from numoe._cuda import experts as X
+    opts = numoe.experts._check_expert_options(act, limit, 1.702, glu)
+    for force in ("tiled", "skinny"):
+        out = dev(np.full(want.shape, np.nan, dtype))
+        X.run_ffn(d(xs), None, 0, off, d(wg), d(wu), d(wd), d(bg), d(bu), d(bd), opts.code,
+                  opts.limit, opts.alpha, out, None, None, force=force)
+        close(out, want, dtype)
+
+
+@needs_cuda
+def test_expert_ffn_argument_errors():
+    d = dev
+    xs, wg, wd = np.ones((4, 3)), np.ones((2, 3, 5)), np.ones((2, 5, 3))
+    with pytest.raises(ValueError, match="offsets"):
+        numoe.expert_ffn(d(xs), d(np.array([0, 3, 2])), d(wg), d(wg), d(wd))
+    with pytest.raises(TypeError, match="dtype"):
+        numoe.expert_ffn(d(xs), d(np.array([0, 2, 4])), d(wg.astype(np.float32)), None, d(wd))
+    with pytest.raises(ValueError, match="activation"):
+        numoe.expert_ffn(d(xs), d(np.array([0, 2, 4])), d(wg), d(wg), d(wd), activation="tanh")
+
+
+@needs_cuda
+def test_matmul_and_fused_layer():
+    from numoe._cuda import gemm, moe
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((2, 7, 5)).astype(np.float32)
+    b = rng.standard_normal((5, 3)).astype(np.float32)
+    close(gemm.matmul(dev(a), dev(b)), a.astype(np.float64) @ b, np.float32)
+    with pytest.raises(TypeError):
+        gemm.matmul(dev(a), dev(b.astype(np.float64)))
+    for preset, kw in [("mixtral", {}), ("qwen2_moe", dict(num_shared_experts=1,
+                                                          shared_expert_dim=8)),
+                       ("switch", dict(capacity_factor=1.0))]:
+        k = 1 if preset == "switch" else 2
+        cfg = getattr(numoe.MoEConfig, preset)(num_experts=8, top_k=k, hidden_dim=16,
+                                               expert_dim=12, **kw)
+        layer = numoe.MoELayer.random(cfg, seed=1)
+        x = rng.standard_normal((3, 4, 16)).astype(np.float32)
+        want = ref.moe_forward(x, **layer.weights(), top_k=k)
+        y = moe.forward(layer.to_device(), dev(x))
+        assert tuple(y.shape) == (3, 4, 16)
+        close(y, want, np.float32)
+
+
+# ------------------------------------------------------------------- losses
+@needs_cuda
+def test_losses_match_reference():
+    from numoe._cuda import losses as L
+    rng = np.random.default_rng(11)
+    T, E, k = 40, 6, 2
+    z = rng.standard_normal((T, E))
+    ex = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    mask = rng.random(T) < 0.7
+    p = ref.router_probs(z)
+    assert L.load_balancing_loss(dev(p), dev(ex), mask=dev(mask)) == pytest.approx(
+        ref.load_balancing_loss(p, ex, mask=mask), rel=1e-12)
+    assert L.load_balancing_loss(dev(p), dev(ex)) == pytest.approx(
+        ref.load_balancing_loss(p, ex), rel=1e-12)
+    z[3, 1] = -np.inf
+    assert L.router_z_loss(dev(z), mask=dev(mask)) == pytest.approx(
+        ref.router_z_loss(z, mask=mask), rel=1e-12)
+    cnt = L.expert_counts(dev(ex), E)
+    np.testing.assert_array_equal(host(cnt), ref.expert_counts(ex, E))
+    b = rng.standard_normal(E).astype(np.float32)
+    np.testing.assert_array_equal(host(L.update_bias(dev(b), cnt, 0.01)),
+                                  ref.update_bias(b, host(cnt), 0.01))
+    w = rng.random((T, k))
+    plan = numoe.dispatch_plan(dev(ex), E, capacity=10)
+    st = L.routing_stats(dev(ex), E, weights=dev(w), plan=plan)
+    want = ref.routing_stats(ex, E, weights=w, plan=numoe.dispatch_plan(ex, E, capacity=10))
+    for key in ("cv", "max_over_mean", "balancedness", "drop_rate", "dead_experts"):
+        assert st[key] == pytest.approx(want[key], rel=1e-12), key
+    np.testing.assert_allclose(host(st["weight_mass"]), want["weight_mass"], rtol=1e-12)
+    np.testing.assert_array_equal(host(st["counts"]), want["counts"])
+    with pytest.raises(ValueError, match="out of range"):
+        L.expert_counts(dev(np.array([[0, 9]])), 4)
+    with pytest.raises(ValueError, match="finite"):
+        L.load_balancing_loss(dev(np.full((2, 3), np.nan)), dev(np.zeros((2, 1), np.int32)))
+
+
+# ---------------------------------------------------- other array libraries
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="CuPy/PyTorch arrays need a real GPU")
+def test_cupy_and_torch_inputs():
+    rng = np.random.default_rng(13)
+    z = rng.standard_normal((64, 8)).astype(np.float32)
+    want = numoe.route(z, 2)
+    libs = []
+    try:
+        import cupy
+        libs.append(("cupy", cupy.asarray(z)))
+    except ImportError:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            libs.append(("torch", torch.from_numpy(z).to("cuda")))
+    except ImportError:
+        pass
+    if not libs:
+        pytest.skip("neither CuPy nor PyTorch with CUDA is installed")
+    for name, zz in libs:
+        r = numoe.route(zz, 2)
+        assert is_numba_device(r.experts), name
+        np.testing.assert_array_equal(host(r.experts), want.experts, err_msg=name)
+        p = numoe.dispatch_plan(r.experts, 8)
+        x = rng.standard_normal((64, 16)).astype(np.float32)
+        xx = cupy.asarray(x) if name == "cupy" else torch.from_numpy(x).to("cuda")
+        y = numoe.unpermute(numoe.permute(xx, p), p, r.weights)
+        np.testing.assert_allclose(host(y), x * host(r.weights).sum(1, keepdims=True),
+                                   rtol=1e-5, err_msg=name)

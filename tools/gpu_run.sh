@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# numoe on a lent GPU machine. Usage (from the repository root):
+#   bash tools/gpu_run.sh [check|test|bench|all] ...
+# check: device sanity, full-size correctness of every CUDA op vs the CPU backend,
+#        kernel timings (tools/gpu_check.py)
+# test:  the pytest suite on the real GPU (tests/test_cuda.py first, then all)
+# bench: the GPU layer table (numoe vs HF transformers) and the routing table
+# Logs and JSON go to $OUT (or ./gpu_out). Expects numpy<2.5 for numba-cuda: when a
+# .whl/ folder is present its wheels are installed to /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export OUT
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/numpy ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
+mode="${1:-all}"; shift || true
+rc=0
+
+sanity() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import numpy, numba, numba_cuda, scipy; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'scipy', scipy.__version__)"
+  python3 -c "import numoe; print(numoe.backends())"
+}
+
+case "$mode" in
+  check|all)
+    sanity 2>&1 | tee "$OUT/sanity.log"
+    python3 tools/gpu_check.py "$@" 2>&1 | tee "$OUT/check.log" || rc=1
+    ;;&
+  test|all)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
+    python3 -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/pytest_all.log" || rc=1
+    ;;&
+  bench|all)
+    python3 tools/gpu_bench.py "$@" 2>&1 | tee "$OUT/bench.log" || rc=1
+    ;;
+  check|test) ;;
+  *) echo "unknown mode $mode"; exit 2 ;;
+esac
+exit $rc
