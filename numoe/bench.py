@@ -323,7 +323,7 @@ def _time_hf(layer, family, x, ref, dtype, repeat, budget, notes):
         for impl in impls:
             block.experts.config._experts_implementation = impl
             try:
-                t, _, y = measure(lambda: call(xt), repeat=repeat, budget=budget)
+                t, _, y = measure(lambda: call(xt), repeat=repeat, budget=budget, min_runs=2)
             except (RuntimeError, ValueError) as exc:   # e.g. grouped_mm has no float64 kernel
                 notes.append(f"HF {impl}: {str(exc).splitlines()[0]}")
                 continue
@@ -430,7 +430,8 @@ def run_routing_suite(T=65536, experts=(8, 64, 256), ks=(2, 8), *, H=2048, threa
     :func:`numoe.reference.route` vs PyTorch (softmax + topk + renormalise);
     :func:`numoe.dispatch_plan`; :func:`numoe.permute` and
     :func:`numoe.unpermute` of ``[T, H]`` activations vs ``np.copyto`` of
-    the same ``[T*k, H]`` bytes. Where ``T*k*H`` elements exceed
+    the same ``[T*k, H]`` bytes (all outputs preallocated, ``out=``, so
+    no page faults are timed). Where ``T*k*H`` values take more than
     ``max_bytes`` the activation width is reduced (column ``H``) so the
     copy stays the same size.
 
@@ -471,8 +472,8 @@ def _routing_row(logits, k, H, dtype, torch, repeat, budget, max_bytes):
     itemsize = np.dtype(dtype).itemsize
     h = int(min(H, max(1, max_bytes // (T * k * itemsize))))
     x = np.random.default_rng(2).standard_normal((T, h)).astype(dtype)
-    t_perm, _, xs = measure(lambda: numoe.permute(x, plan), repeat=repeat, budget=budget)
-    y = np.empty_like(x)
+    xs, y = np.empty((plan.order.size, h), dtype), np.empty_like(x)   # outputs allocated once
+    t_perm, _, _ = measure(lambda: numoe.permute(x, plan, out=xs), repeat=repeat, budget=budget)
     t_unperm, _, _ = measure(lambda: numoe.unpermute(xs, plan, r.weights, out=y),
                              repeat=repeat, budget=budget)
     dst = np.empty_like(xs)
@@ -669,7 +670,7 @@ COLUMNS = {
                 ("unpermute_s", "unpermute ms", "ms"), ("copy_s", "copyto ms", "ms"),
                 ("permute_vs_copy", "permute/copy", "x"),
                 ("plan_pct_of_permute", "plan % perm", "%")],
-    "latency": [("shape", "shape", "s"), ("T", "T", "s"), ("calls", "calls", "s"),
+    "latency": [("shape", "layer", "s"), ("T", "T", "s"), ("calls", "calls", "s"),
                 ("p50_s", "p50 ms", "ms"), ("p95_s", "p95 ms", "ms"), ("p99_s", "p99 ms", "ms"),
                 ("tokens_per_s", "tok/s", "f"), ("touched_experts", "experts", "s"),
                 ("weight_bytes", "MiB read", "mib"), ("floor_s", "floor ms", "ms"),

@@ -41,8 +41,8 @@ def _check_dispatch_options(num_experts, capacity, drop_policy, has_weights):
 
 
 def _index_dtype(m):
-    """int32 unless ``m`` flat ids need int64."""
-    return np.int64 if m - 1 > _INT32_MAX else np.int32
+    """int32 unless there are more than ``2**31 - 1`` flat ids (as the reference)."""
+    return np.int64 if m > _INT32_MAX else np.int32
 
 
 def _plan_arrays(plan):
@@ -132,8 +132,10 @@ def capacity(num_tokens, num_experts, k, capacity_factor):
     capacity_factor = V.real("capacity_factor", capacity_factor)
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    c = math.ceil(capacity_factor * num_tokens * k / num_experts)
-    return int(min(max(c, 1), max(num_tokens, 1)))
+    share = capacity_factor * num_tokens * k / num_experts
+    if not share < num_tokens:          # also catches an overflow to inf
+        return max(num_tokens, 1)
+    return int(min(max(math.ceil(share), 1), max(num_tokens, 1)))
 
 
 # ------------------------------------------------------------ dispatch_plan

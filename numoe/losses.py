@@ -5,6 +5,8 @@ import numpy as np
 
 from . import _validate as V
 from ._backend import backend_of, cuda_module
+from ._cpu import losses as cpu
+from .routing import _expert_rows
 
 _TOKEN_CHUNK = 1024    # tokens per partial-sum slab (fixed: results never depend on threads)
 _ID_CHUNK = 16384      # assignments per histogram slab
@@ -34,14 +36,6 @@ def _experts_for(name, experts, lead, num_experts):
         raise ValueError(f"{name} must have shape {tuple(lead) + ('k',)} with k >= 1 "
                          f"(one row per token), got {ex.shape}")
     return ex.reshape(-1, ex.shape[-1])
-
-
-def _tokens(name, a):
-    """``a [..., E]`` (E >= 1) as ``[T, E]`` plus the leading shape."""
-    arr = V.float_array(name, a)
-    if np.ndim(a) < 1 or arr.shape[-1] == 0:     # (ascontiguousarray makes 0-d 1-d)
-        raise ValueError(f"{name} must have shape [..., E] with E >= 1 experts, got {arr.shape}")
-    return V.tokens_2d(name, arr, min_ndim=1)
 
 
 def load_balancing_loss(probs, experts, *, mask=None):
@@ -79,12 +73,10 @@ def load_balancing_loss(probs, experts, *, mask=None):
     """
     if backend_of(probs=probs, experts=experts, mask=mask) == "cuda":
         return cuda_module("losses").load_balancing_loss(probs, experts, mask=mask)
-    p, lead = _tokens("probs", probs)
+    p, lead = _expert_rows("probs", probs)
     T, E = p.shape
     ex = _experts_for("experts", experts, lead, E)
     m = _token_mask(mask, lead, T)
-    from ._cpu import losses as cpu
-
     nc = _n_chunks(T, _TOKEN_CHUNK)
     prob_sums = np.empty((nc, E))
     hist = np.empty((nc, E), dtype=np.int64)
@@ -134,11 +126,9 @@ def router_z_loss(logits, *, mask=None):
     """
     if backend_of(logits=logits, mask=mask) == "cuda":
         return cuda_module("losses").router_z_loss(logits, mask=mask)
-    z, lead = _tokens("logits", logits)
+    z, lead = _expert_rows("logits", logits)
     T = z.shape[0]
     m = _token_mask(mask, lead, T)
-    from ._cpu import losses as cpu
-
     nc = _n_chunks(T, _TOKEN_CHUNK)
     sums = np.zeros(nc)
     ntok = np.zeros(nc, dtype=np.int64)
@@ -159,8 +149,6 @@ def router_z_loss(logits, *, mask=None):
 
 def _expert_histogram(experts, num_experts, weights=None):
     """``(counts [E] int64, mass [E] float64 or None)`` over the flat expert ids."""
-    from ._cpu import losses as cpu
-
     ids = experts.reshape(-1)
     N = ids.shape[0]
     nc = _n_chunks(N, _ID_CHUNK)
@@ -257,8 +245,6 @@ def update_bias(bias, counts, rate):
     if backend_of(bias=bias, counts=counts) == "cuda":
         return cuda_module("losses").update_bias(bias, counts, rate)
     b, c, rate = _check_update_bias(bias, counts, rate)
-    from ._cpu import losses as cpu
-
     out = np.empty(b.shape[0], dtype=np.float32)
     cpu.bias_step(b, c, float(c.mean()), rate, out)
     return out

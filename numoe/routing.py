@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _validate as V
 from ._backend import backend_of, cuda_module
+from ._cpu import routing as cpu
 from ._types import Routing
 
 SCORES = ("softmax", "sigmoid")
@@ -69,28 +70,26 @@ def _check_bias(bias, num_experts):
     if bias is None:
         return None
     b = V.float_array("bias", bias, dtype=np.float64)
-    V.shape("bias", b, (num_experts,))
+    V.shape("bias", b, (num_experts,))      # (also checked with the options; cheap)
     V.check_finite("bias", b)
     return b
 
 
-def _logits_2d(logits):
-    """``logits [..., E]`` as a C-contiguous ``[T, E]`` float array, plus the leading shape."""
-    z = V.float_array("logits", logits)
-    if np.ndim(logits) < 1 or z.shape[-1] == 0:     # (ascontiguousarray makes 0-d 1-d)
-        raise ValueError(f"logits must have shape [..., E] with E >= 1 experts, got {z.shape}")
-    return V.tokens_2d("logits", z, min_ndim=1)
+def _expert_rows(name, a):
+    """``a [..., E]`` (E >= 1) as a C-contiguous ``[T, E]`` float array, plus the leading shape."""
+    arr = V.float_array(name, a)
+    if np.ndim(a) < 1 or arr.shape[-1] == 0:     # (ascontiguousarray makes 0-d 1-d)
+        raise ValueError(f"{name} must have shape [..., E] with E >= 1 experts, got {arr.shape}")
+    return V.tokens_2d(name, arr, min_ndim=1)
 
 
 def _raise_row_status(name, status):
     """Raise the ValueError that a non-zero per-row status from a CPU driver stands for."""
-    from ._cpu.routing import BAD_VALUE
-
     bad = np.flatnonzero(status)
     if bad.size == 0:
         return
     t = int(bad[0])
-    if status[t] == BAD_VALUE:
+    if status[t] == cpu.BAD_VALUE:
         raise ValueError(f"{name} holds NaN or +inf (first in token row {t}); only finite "
                          "values and -inf (masked expert) are allowed")
     raise ValueError(f"{name} row {t} is -inf for every expert, so its softmax is undefined "
@@ -137,6 +136,10 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
     sigmoid routing with a balancing bias after DeepSeek-AI (2024),
     DeepSeek-V3 report eq. 12-16. Without a bias the choice is made on the
     logits themselves (the same order as the scores, free of rounding).
+    With a bias, a masked (``-inf``) expert has score 0 and selection
+    score ``bias[e]``, so it can still be chosen. Excluded groups' experts
+    select as ``-inf``; where allowed experts are ``-inf`` too, the tie
+    goes to the lower id like any other.
 
     Examples
     --------
@@ -151,13 +154,12 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
         return cuda_module("routing").route(
             logits, k, score=score, renormalize=renormalize, bias=bias, n_groups=n_groups,
             topk_groups=topk_groups, group_score=group_score, scale=scale)
-    z, lead = _logits_2d(logits)
+    z, lead = _expert_rows("logits", logits)
     E = z.shape[1]
     opt = _check_route_options(E, k, score, renormalize,
                                None if bias is None else np.shape(bias), n_groups,
                                topk_groups, group_score, scale)
     b = _check_bias(bias, E)
-    from ._cpu import routing as cpu
 
     T, k = z.shape[0], opt.k
     weights = np.empty((T, k), dtype=z.dtype)
@@ -202,9 +204,7 @@ def router_probs(logits, score="softmax"):
     if backend_of(logits=logits) == "cuda":
         return cuda_module("routing").router_probs(logits, score=score)
     V.choice("score", score, SCORES)
-    z, lead = _logits_2d(logits)
-    from ._cpu import routing as cpu
-
+    z, lead = _expert_rows("logits", logits)
     out = np.empty_like(z)
     status = np.empty(z.shape[0], dtype=np.uint8)
     use_sigmoid = score == "sigmoid"

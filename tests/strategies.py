@@ -96,7 +96,8 @@ def make_logits(rng, shape, dtype, kind):
         if z.size:  # keep one finite entry per row
             rows = z.reshape(-1, E)
             keep = rng.integers(0, E, rows.shape[0])
-            rows[np.arange(rows.shape[0]), keep] = np.clip(rng.normal(0, 3, rows.shape[0]), -BOUND, BOUND)
+            finite = np.clip(rng.normal(0, 3, rows.shape[0]), -BOUND, BOUND)
+            rows[np.arange(rows.shape[0]), keep] = finite
     else:
         raise ValueError(f"unknown logits kind {kind!r}")
     return np.ascontiguousarray(z, dtype=dtype)

@@ -274,8 +274,8 @@ def test_expert_ffn_matches_reference(dtype, glu, act, bias, limit):
     opts = numoe.experts._check_expert_options(act, limit, 1.702, glu)
     for force in ("tiled", "skinny"):
         out = dev(np.full(want.shape, np.nan, dtype))
-        X.run_ffn(d(xs), None, 0, off, d(wg), d(wu), d(wd), d(bg), d(bu), d(bd), opts.code,
-                  opts.limit, opts.alpha, out, None, None, force=force)
+        X.run_ffn(d(xs), None, 0, d(off), int(off[-1]), d(wg), d(wu), d(wd), d(bg), d(bu),
+                  d(bd), opts.code, opts.limit, opts.alpha, out, None, None, force=force)
         close(out, want, dtype)
 
 

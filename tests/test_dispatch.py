@@ -8,7 +8,7 @@ from numoe import reference as ref
 from numoe._cpu import dispatch as cpu_dispatch
 
 from conftest import ATOL, RTOL, to_backend, to_host
-from strategies import bounded_floats, dtypes, experts_arrays, seeds, sizes
+from strategies import dtypes, experts_arrays, seeds, sizes
 
 POLICIES = ("slot", "position", "score")
 MAX_CELLS = 1 << 17          # keeps T*k (and the Python-loop reference) cheap
@@ -195,14 +195,15 @@ def test_score_ties_go_to_lower_flat_id():
 def test_index_dtype_choice():
     from numoe.dispatch import _index_dtype
     assert _index_dtype(0) == np.int32
-    assert _index_dtype(2**31) == np.int32            # ids 0..2**31-1 fit int32
-    assert _index_dtype(2**31 + 1) == np.int64
+    assert _index_dtype(2**31 - 1) == np.int32        # same rule as the reference
+    assert _index_dtype(2**31) == np.int64
 
 
 # ---------------------------------------------------------------- capacity
 @pytest.mark.parametrize("T,E,k,cf", [
     (1024, 8, 2, 1.25), (4, 64, 1, 1.0), (0, 8, 2, 1.0), (10, 3, 3, 100.0),
-    (1000, 7, 2, 0.01), (65536, 256, 8, 1.0), (5, 5, 1, 1e-9), (7, 2, 1, 2)])
+    (1000, 7, 2, 0.01), (65536, 256, 8, 1.0), (5, 5, 1, 1e-9), (7, 2, 1, 2),
+    (np.int64(12), np.int32(4), 2, np.float32(1.5))])
 def test_capacity_matches_reference(T, E, k, cf):
     c = numoe.capacity(T, E, k, cf)
     assert isinstance(c, int) and c == ref.capacity(T, E, k, cf)
@@ -213,6 +214,10 @@ def test_capacity_matches_reference(T, E, k, cf):
        st.floats(1e-3, 64.0))
 def test_capacity_property(T, E, k, cf):
     assert numoe.capacity(T, E, k, cf) == ref.capacity(T, E, k, cf)
+
+
+def test_capacity_huge_factor():
+    assert numoe.capacity(10, 4, 2, 1e308) == 10          # no overflow error
 
 
 # ------------------------------------------------------- permute/unpermute
@@ -250,6 +255,37 @@ def test_roundtrip_identity_experts(problem):
     y = numoe.unpermute(numoe.permute(x, plan), plan, w)
     wsum = np.where(plan.dropped, 0.0, w.astype(np.float64)).sum(1, keepdims=True)
     assert_weighted_sum_close(y, x * wsum, w, np.abs(x), plan)
+
+
+@given(combine_problems(), st.integers(1, 5))
+def test_cpu_modes_bit_identical(problem, rows):
+    """Serial, parallel and streaming-store drivers give the same bits (the
+    streaming path otherwise runs only for outputs of 32 MiB and more)."""
+    ex, E, cap, w, policy, x = problem
+    plan = numoe.dispatch_plan(ex, E, capacity=cap, weights=w, drop_policy=policy)
+    T, k = ex.shape
+    want = ref.permute(x, plan)
+    pos, bad = cpu_dispatch.inverse_positions(plan.order, plan.dropped.reshape(-1),
+                                              parallel=bool(rows % 2))
+    assert bad == 0
+    ys = want[:, ::-1].copy() * x.dtype.type(0.5)
+    ys = ys.astype(x.dtype)
+    y_ref = numoe.unpermute(ys, plan, w)
+    old = cpu_dispatch.ROWS_PER_TASK
+    for mode in ("serial", "parallel", "stream"):
+        xs = np.full(want.shape, np.nan, x.dtype)
+        cpu_dispatch.permute(x, plan.order, k, xs, mode=mode)
+        np.testing.assert_array_equal(xs, want)
+        y = np.full((T, x.shape[1]), np.nan, x.dtype)
+        cpu_dispatch.unpermute(ys, pos, w, k, y, mode=mode)
+        assert y.tobytes() == y_ref.tobytes(), mode
+    # odd row offsets: a destination whose rows are not 32-byte aligned
+    if len(plan.order):
+        big = np.full((want.size + 3,), np.nan, x.dtype)
+        xs = big[3:].reshape(want.shape)
+        cpu_dispatch._permute_stream(x, plan.order, k, xs, rows)
+        np.testing.assert_array_equal(xs, want)
+        assert np.isnan(big[:3]).all()                 # nothing written before it
 
 
 def test_unpermute_accumulates_in_slot_order():
@@ -322,6 +358,29 @@ def test_out_argument():
     y = numoe.unpermute(xs, plan, w, out=out)
     assert y is out
     np.testing.assert_allclose(out, ref.unpermute(xs, plan, w), **tol(np.float64))
+
+
+def test_unaligned_out_works():
+    """An element-misaligned ``out`` (legal in NumPy) never reaches the aligned
+    streaming stores."""
+    rng = np.random.default_rng(8)
+    ex = rng.integers(0, 3, (20, 2))
+    plan = numoe.dispatch_plan(ex, 3)
+    x = rng.standard_normal((20, 9)).astype(np.float32)
+    buf = bytearray(40 * 9 * 4 + 1)
+    xs = np.frombuffer(buf, np.float32, count=40 * 9, offset=1).reshape(40, 9)
+    assert not xs.flags.aligned and xs.flags.writeable
+    for mode in ("serial", "parallel", "stream"):
+        xs[...] = 0
+        cpu_dispatch.permute(x, plan.order, 2, xs, mode=mode)
+        np.testing.assert_array_equal(xs, ref.permute(x, plan))
+    numoe.permute(x, plan, out=xs)
+    np.testing.assert_array_equal(xs, ref.permute(x, plan))
+    buf2 = bytearray(20 * 9 * 4 + 1)
+    y = np.frombuffer(buf2, np.float32, count=20 * 9, offset=1).reshape(20, 9)
+    w = rng.random((20, 2)).astype(np.float32)
+    numoe.unpermute(np.ascontiguousarray(xs), plan, w, out=y)
+    assert y.tobytes() == numoe.unpermute(np.ascontiguousarray(xs), plan, w).tobytes()
 
 
 def test_bad_out_rejected():

@@ -15,10 +15,10 @@ from strategies import (dtypes, experts_arrays, make_experts, make_logits, masks
 REL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
-def _call(backend, fn, *arrays, **kw):
-    out = fn(*[to_backend(backend, a) for a in arrays],
-             **{n: to_backend(backend, v) if isinstance(v, np.ndarray) else v
-                for n, v in kw.items()})
+def _call(backend, fn, *args, **kw):
+    """``fn`` with its array arguments moved to the backend; array results back on the host."""
+    move = lambda v: to_backend(backend, v) if isinstance(v, np.ndarray) else v  # noqa: E731
+    out = fn(*map(move, args), **{n: move(v) for n, v in kw.items()})
     return out if isinstance(out, (float, dict)) else to_host(out)
 
 

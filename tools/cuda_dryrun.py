@@ -151,10 +151,10 @@ def scenarios():
             for glu in (True, False):
                 def ffn(force=force, glu=glu):
                     out = X.A.empty((100, H), dt)
-                    X.run_ffn(xs, None, 0, np.array([0, 10, 10, 60, 100]), wg,
+                    X.run_ffn(xs, None, 0, off, 100, wg,
                               wg if glu else None, wd, bg, bg if glu else None, bd, 0, 1.0,
                               1.702, out, None, None, force=force)
-                    X.run_ffn(x, d(np.arange(100)), 2, np.array([0, 10, 10, 60, 100]), wg,
+                    X.run_ffn(x, d(np.arange(100)), 2, off, 100, wg,
                               wg if glu else None, wd, None, None, None, 1, 1.0, 1.702, out,
                               d(np.arange(100)), d(np.ones(128, dt)), force=force)
                 yield f"ffn {force} glu={glu}", ffn
@@ -185,9 +185,10 @@ def scenarios():
             g = d(np.zeros((10, 6), dt))
             b = d(np.zeros((2, 6), dt))
             tab = d(np.zeros((2, 3), np.int64))
-            CB._act_epilogue[1, 64](g, g, True, b, True, b, False, 0, 1.0, 1.7, g, tab, 2)
+            cnt = d(np.zeros(2, np.int64))
+            CB._act_epilogue[1, 64](g, g, True, b, True, b, False, 0, 1.0, 1.7, g, tab, cnt, 1)
             CB._down_epilogue[1, 64](g, b, True, d(np.zeros(10, np.int64)), d(np.zeros(10, dt)),
-                                     True, tab, 2)
+                                     True, tab, cnt, 1)
         yield "cublas epilogues", epilogues
     yield "bench pieces", lambda: None
 

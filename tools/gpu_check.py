@@ -160,14 +160,14 @@ def _ffn_case(dt, T, E, k, H, F, glu=True, act="silu", bias=False, limit=None, f
     xsd, wgd, wud, wdd = D(xs), D(wg), D(wu), D(wd)
     bgd, bud, bdd = D(bg), D(bu), D(bd)
     opts = numoe.experts._check_expert_options(act, limit, 1.702, glu)
-    off = np.asarray(plan.offsets, np.int64)
+    off = d(np.asarray(plan.offsets, np.int64))
     out = cuda.to_device(np.full((N, H), np.nan, dt))
 
     def call():
-        return CX.run_ffn(xsd, None, 0, off, wgd, wud, wdd, bgd, bud, bdd, opts.code,
+        return CX.run_ffn(xsd, None, 0, off, N, wgd, wud, wdd, bgd, bud, bdd, opts.code,
                           opts.limit, opts.alpha, out, None, None, force=force, gemm=gemm)
     t, n, y = B.timeit(call, budget=1.0)
-    path = dict(CX.last_path)
+    path = {k_: v for k_, v in CX.last_path.items() if k_ != "work"}
     y1 = h(y)
     y2 = h(call())
     flops = 2 * N * H * F * (3 if glu else 2)
@@ -249,7 +249,6 @@ def _losses():
     record("routing_stats", ok)
 
 
-@check("tile-shape exploration")
 def _explore():
     """Time the expert GEMMs for a few tile shapes (prefill tiled, decode skinny)."""
     base = dict(CX.TILE_OVERRIDE)
@@ -283,24 +282,33 @@ def _launch_overhead():
     def k20(a, b, c, d_, e, f, g, h_, i, j, k, l_, m, n, o, p, q, r, s, t):
         if nc.grid(1) == 0:
             a[0] = b[0]
+    from numoe._cuda._launch import launch
+
     arrs = [d(np.zeros(4, np.float32)) for _ in range(20)]
-    k20[1, 32](*arrs)
-    nc.synchronize()
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        k20[1, 32](*arrs)
-    nc.synchronize()
-    per = (time.perf_counter() - t0) / n
-    record("launch overhead (20 array args)", True, us=per * 1e6)
+    for name, go in [("numba", lambda: k20[1, 32](*arrs)),
+                     ("fast", lambda: launch(k20, 1, 32, 0, *arrs))]:
+        go()
+        go()
+        nc.synchronize()
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            go()
+        nc.synchronize()
+        per = (time.perf_counter() - t0) / n
+        record(f"launch overhead (20 array args, {name})", True, us=per * 1e6)
 
 
 def main():
     print(f"numoe CUDA check on {A.device_name()}; numpy {np.__version__}")
+    if "--explore" in sys.argv:
+        CHECKS.append(_explore)
     for c in CHECKS:
         t0 = time.perf_counter()
         c()
         print(f"   ({c.__name__}: {time.perf_counter() - t0:.1f} s)", flush=True)
+    from numoe._cuda import _launch
+    print("fast launch:", _launch.ENABLED, _launch.stats())
     n_fail = sum(not r["ok"] for r in RESULTS)
     with open(os.path.join(OUT, "gpu_check.json"), "w") as fh:
         json.dump(dict(device=A.device_name(), results=RESULTS), fh, indent=1, default=str)

@@ -28,6 +28,14 @@ sanity() {
   python3 -c "import numoe; print(numoe.backends())"
 }
 
+if [ -z "${NUMOE_CUDA_FAST_LAUNCH:-}" ]; then
+  if ! python3 tools/fastlaunch_smoke.py > "$OUT/fastlaunch.log" 2>&1; then
+    echo "fast launch smoke test failed: using numba launches (see fastlaunch.log)"
+    export NUMOE_CUDA_FAST_LAUNCH=0
+  fi
+  tail -2 "$OUT/fastlaunch.log"
+fi
+
 case "$mode" in
   check|all)
     sanity 2>&1 | tee "$OUT/sanity.log"

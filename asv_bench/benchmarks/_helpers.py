@@ -24,7 +24,7 @@ LAYER_SHAPES = {
     # a selection bias and one shared expert.
     "deepseek": (64, 8, 256, 128, dict(score="sigmoid", n_groups=8, topk_groups=4,
                                        scale=2.5, num_shared_experts=1,
-                                       shared_expert_dim=256)),
+                                       shared_expert_dim=256, selection_bias=True)),
 }
 
 
@@ -108,7 +108,7 @@ def layer_arrays(name, dtype, seed=5):
     w_gate, w_up, w_down = expert_weights(E, H, F, dtype, seed=seed + 1)
     weights = dict(router=(r.standard_normal((H, E)) / np.sqrt(H)).astype(dtype),
                    w_gate=w_gate, w_up=w_up, w_down=w_down)
-    if extra.get("score") == "sigmoid":
+    if extra.get("selection_bias"):
         weights["selection_bias"] = selection_bias(E, dtype, seed=seed + 2)
     S = extra.get("shared_expert_dim")
     if S:

@@ -8,11 +8,20 @@ Determinism: every parallel loop either writes only what its iteration
 owns (a chunk's histogram row and its own output slots, an expert's own
 segment, a token's own output row) or is an integer reduction, so results
 are bit-identical for any number of threads.
+
+Speed: permute and unpermute move whole rows and are bound by memory
+traffic. Small inputs run serial twins of the drivers (no task start-up);
+outputs of ``STREAM_MIN_BYTES`` and more are written with non-temporal
+vector stores (no read-for-ownership of the destination) while the next
+source row is prefetched. Every variant computes the same bits.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._jit import driver, kernel
 
@@ -28,6 +37,12 @@ CHUNK = 4096
 MAX_HIST_CELLS = 1 << 22
 # Below this many output elements permute/unpermute run serially (same bits).
 PARALLEL_MIN_ELEMENTS = 1 << 16
+# From this many output bytes on, permute/unpermute write with non-temporal
+# (streaming) stores: the output is far larger than the caches, so skipping
+# the read-for-ownership of each destination line saves a third of the
+# memory traffic. Smaller outputs stay in cache for the next op. Same bits.
+STREAM_MIN_BYTES = 32 << 20
+ROWS_PER_TASK = 16          # rows per streaming task (one store fence each)
 
 
 def chunk_size(m, num_experts):
@@ -38,6 +53,96 @@ def chunk_size(m, num_experts):
     """
     max_chunks = max(1, MAX_HIST_CELLS // max(num_experts, 1))
     return max(CHUNK, -(-m // max_chunks))
+
+
+# ------------------------------------------------------ streaming-store helpers
+@intrinsic
+def _stream32(typingctx, dst, di, src, si):
+    """Copy the 32 bytes at ``src[si:]`` to ``dst[di:]`` with one non-temporal
+    vector store. ``dst[di]`` must be 32-byte aligned; ``src`` may be unaligned."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)
+            and dst.dtype == src.dtype and dst.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.void(dst, di, src, si)
+
+    def codegen(context, builder, signature, args):
+        dty, dity, sty, sity = signature.args
+        darr = context.make_array(dty)(context, builder, args[0])
+        sarr = context.make_array(sty)(context, builder, args[2])
+        di_ = context.cast(builder, args[1], dity, types.intp)
+        si_ = context.cast(builder, args[3], sity, types.intp)
+        elt = context.get_data_type(dty.dtype)
+        size = context.get_abi_sizeof(elt)
+        vec = ir.VectorType(elt, 32 // size)
+        sptr = builder.bitcast(builder.gep(sarr.data, [si_]), vec.as_pointer())
+        dptr = builder.bitcast(builder.gep(darr.data, [di_]), vec.as_pointer())
+        value = builder.load(sptr, align=size)
+        store = builder.store(value, dptr, align=32)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full memory fence: orders the weakly-ordered streaming stores before
+    anything this thread does next (x86: ``mfence``)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the cache to fetch the line holding ``arr[idx]`` (never faults)."""
+    if not isinstance(arr, types.Array):
+        return None
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aty, ity = signature.args
+        a = context.make_array(aty)(context, builder, args[0])
+        i = context.cast(builder, args[1], ity, types.intp)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        ptr = builder.bitcast(builder.gep(a.data, [i]), i8p)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])   # read, keep, data cache
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@kernel
+def _stream_row(src, dst, nxt):
+    """``dst[:] = src`` with streaming stores (scalar head/tail up to 32-byte
+    alignment), prefetching the row ``nxt`` (same length) to copy next."""
+    n = dst.shape[0]
+    size = dst.itemsize
+    vec = 32 // size
+    head = ((32 - dst.ctypes.data % 32) % 32) // size
+    if head > n:
+        head = n
+    for h in range(head):
+        dst[h] = src[h]
+    h = head
+    while h + 2 * vec <= n:             # one 64-byte line per step
+        _prefetch(nxt, h)
+        _stream32(dst, h, src, h)
+        _stream32(dst, h + vec, src, h + vec)
+        h += 2 * vec
+    while h + vec <= n:
+        _stream32(dst, h, src, h)
+        h += vec
+    for r in range(h, n):
+        dst[r] = src[r]
 
 
 # ------------------------------------------------------------- serial kernels
@@ -241,6 +346,17 @@ def _permute(x, order, k, xs):
         _row_copy(x[order[i] // k], xs[i])
 
 
+@driver
+def _permute_stream(x, order, k, xs, rows):
+    """:func:`_permute` with streaming stores; tasks of ``rows`` rows, fenced."""
+    n = order.shape[0]
+    for b in prange((n + rows - 1) // rows):
+        for i in range(b * rows, min(n, b * rows + rows)):
+            nxt = min(np.int64(i) + 1, n - 1)
+            _stream_row(x[order[i] // k], xs[i], x[order[nxt] // k])
+        _store_fence()
+
+
 @kernel
 def _permute_serial(x, order, k, xs):
     for i in range(order.shape[0]):
@@ -288,6 +404,20 @@ def _unpermute(ys, pos, w, k, zero, out):
         _combine_row(ys, pos, w[t], t * k, k, zero, out[t])
 
 
+@driver
+def _unpermute_stream(ys, pos, w, k, zero, out, rows):
+    """:func:`_unpermute` with streaming stores: each task of ``rows`` tokens
+    sums a token into its own cache-resident scratch row (same arithmetic,
+    same bits), then streams it out."""
+    num_tokens = out.shape[0]
+    for b in prange((num_tokens + rows - 1) // rows):
+        scratch = np.empty(out.shape[1], out.dtype)
+        for t in range(b * rows, min(num_tokens, b * rows + rows)):
+            _combine_row(ys, pos, w[t], t * k, k, zero, scratch)
+            _stream_row(scratch, out[t], scratch)
+        _store_fence()
+
+
 @kernel
 def _unpermute_serial(ys, pos, w, k, zero, out):
     for t in range(out.shape[0]):
@@ -327,12 +457,30 @@ def dispatch_plan(ex, num_experts, k, cap, policy, w, idx_dtype, *, chunk=None):
     return new_order, new_offsets, kept, dropped
 
 
-def permute(x, order, k, xs, *, parallel=None):
-    """Fill ``xs [N, H]`` from ``x [T, H]`` (both C-contiguous, same float dtype)."""
-    if parallel is None:
-        parallel = xs.size > PARALLEL_MIN_ELEMENTS
-    (_permute if parallel else _permute_serial)(x, order, k, xs)
+def permute(x, order, k, xs, *, mode=None):
+    """Fill ``xs [N, H]`` from ``x [T, H]`` (both C-contiguous, same float dtype).
+
+    ``mode``: ``"serial"``, ``"parallel"`` or ``"stream"`` (None: by size).
+    """
+    mode = _mode(xs, xs.size, mode)
+    if mode == "stream":
+        _permute_stream(x, order, k, xs, ROWS_PER_TASK)
+    else:
+        (_permute if mode == "parallel" else _permute_serial)(x, order, k, xs)
     return xs
+
+
+def _mode(out, elements, mode):
+    """The driver for an output array: streaming stores only for large,
+    element-aligned outputs; serial below ``PARALLEL_MIN_ELEMENTS``."""
+    if mode is None:
+        if out.nbytes >= STREAM_MIN_BYTES:
+            mode = "stream"
+        else:
+            mode = "parallel" if elements > PARALLEL_MIN_ELEMENTS else "serial"
+    if mode == "stream" and not out.flags.aligned:
+        mode = "parallel"       # the vector stores need element-aligned rows
+    return mode
 
 
 def inverse_positions(order, dropped_flat, *, parallel=None):
@@ -345,9 +493,15 @@ def inverse_positions(order, dropped_flat, *, parallel=None):
     return pos, int(bad)
 
 
-def unpermute(ys, pos, w, k, out, *, parallel=None):
-    """Fill ``out [T, H]`` (C-contiguous, ys dtype); ``w [T, k]`` in out's dtype."""
-    if parallel is None:
-        parallel = ys.size + out.size > PARALLEL_MIN_ELEMENTS
-    (_unpermute if parallel else _unpermute_serial)(ys, pos, w, k, out.dtype.type(0), out)
+def unpermute(ys, pos, w, k, out, *, mode=None):
+    """Fill ``out [T, H]`` (C-contiguous, ys dtype); ``w [T, k]`` in out's dtype.
+
+    ``mode`` as for :func:`permute` (None: by size).
+    """
+    zero = out.dtype.type(0)
+    mode = _mode(out, ys.size + out.size, mode)
+    if mode == "stream":
+        _unpermute_stream(ys, pos, w, k, zero, out, ROWS_PER_TASK)
+    else:
+        (_unpermute if mode == "parallel" else _unpermute_serial)(ys, pos, w, k, zero, out)
     return out

@@ -37,7 +37,7 @@ def is_device_array(a) -> bool:
     """True for a numba device array (real or simulated)."""
     if SIM:
         return type(a).__module__.startswith("numba.cuda.simulator")
-    return cuda.is_cuda_ndarray(a)
+    return bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def as_device(name, a):
@@ -99,7 +99,7 @@ def full(shape, dtype, value):
     if out.size:
         flat = out.reshape(out.size)
         bs = block(256)
-        _fill[grid(out.size, bs), bs](flat, value)
+        _launch_kernel(_fill, grid(out.size, bs), bs, 0, flat, value)
     return out
 
 
@@ -146,13 +146,13 @@ def _copy_strided(a, dtype):
         flat_in = a.reshape(a.size)
         flat_out = out.reshape(out.size)
         bs = block(256)
-        _convert_1d[grid(a.size, bs), bs](flat_in, flat_out)
+        _launch_kernel(_convert_1d, grid(a.size, bs), bs, 0, flat_in, flat_out)
         return out
     shp = (1,) * (4 - nd) + tuple(a.shape)
     a4 = _view4(a, shp)
     o4 = out.reshape(shp)
     bs = block(256)
-    _convert_4d[grid(a.size, bs), bs](a4, o4)
+    _launch_kernel(_convert_4d, grid(a.size, bs), bs, 0, a4, o4)
     return out
 
 
@@ -238,6 +238,12 @@ def reshape(a, shape):
     if a.size == 0:
         return empty(shape, a.dtype)
     return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
+
+
+def _launch_kernel(kernel, grid_, block_, shmem, *args):
+    from ._launch import launch
+
+    launch(kernel, grid_, block_, shmem, *args)
 
 
 # ------------------------------------------------------------------ kernels

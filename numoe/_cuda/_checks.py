@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda, int64
 
 from . import _arrays as A
+from ._launch import launch
 
 BIG = np.int64(1) << 62
 _NSLOT = 4          # int64 words of result per check
@@ -57,11 +58,11 @@ class Checks:
             if kind == "finite":
                 flat = _flat(a)
                 bs = A.block(_BS)
-                _finite_kernel[A.grid(flat.size, bs, 8), bs, 0, bs * 8](flat, out)
+                launch(_finite_kernel, A.grid(flat.size, bs, 8), bs, bs * 8, flat, out)
             elif kind == "ids":
                 flat = _flat(a)
                 bs = A.block(_BS)
-                _minmax_kernel[A.grid(flat.size, bs, 8), bs, 0, bs * 8](flat, out)
+                launch(_minmax_kernel, A.grid(flat.size, bs, 8), bs, bs * 8, flat, out)
             else:
                 order, offsets, counts, dropped = a
                 _launch_plan_checks(order, offsets, counts, dropped, _p, out)
@@ -133,13 +134,13 @@ def _launch_plan_checks(order, offsets, counts, dropped, capacity, out):
     m = dropped.size
     bs = A.block(_BS)
     if n:
-        _range_count_kernel[A.grid(n, bs, 8), bs, 0, bs * 8](order, m, out[0:1])
+        launch(_range_count_kernel, A.grid(n, bs, 8), bs, bs * 8, order, m, out[0:1])
     E = counts.shape[0]
-    _offsets_kernel[1, bs, 0, bs * 8](offsets, counts, n, E, -1 if capacity is None else capacity,
+    launch(_offsets_kernel, 1, bs, bs * 8, offsets, counts, n, E, -1 if capacity is None else capacity,
                            out[1:3])
     if m:
         flat = _flat(dropped)
-        _true_count_kernel[A.grid(m, bs, 8), bs, 0, bs * 8](flat, out[3:4])
+        launch(_true_count_kernel, A.grid(m, bs, 8), bs, bs * 8, flat, out[3:4])
 
 
 # ------------------------------------------------------------------ kernels

@@ -12,12 +12,11 @@ shape on a fixed GPU and library version.
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from numba import cuda, float64
 
 from . import _arrays as A
+from ._launch import launch
 from .experts import act_value, glu_value
 
 
@@ -28,7 +27,8 @@ def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
     from . import dispatch as D
     from . import experts as X
 
-    N = int(off[-1])
+    off_h = off.copy_to_host().astype(np.int64)
+    N = int(off_h[-1])
     E, H, F = tuple(wg.shape)
     glu = wu is not None
     dt = a.dtype
@@ -39,55 +39,55 @@ def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
         xs = a
     dummy = A.empty((1,), dt)
     didx = A.empty((1,), np.int64)
-    # few-row experts: the numba skinny kernels
-    small = copy.copy(work)
-    small.tiled = work.tiled[:0]
-    small._dev = {}
-    if small.skinny.shape[0]:
+    counts = np.diff(off_h)
+    big = [e for e in range(E) if counts[e] > work.max_small]
+    small = any(0 < c <= work.max_small for c in counts)
+    if small:        # few-row experts: the numba skinny kernels
         if glu:
             X.grouped_glu(xs, didx, 0, wg, wu, bg if bg is not None else dummy, bg is not None,
                           bu if bu is not None else dummy, bu is not None, code, limit, alpha,
-                          hbuf, small)
+                          hbuf, work, only="skinny")
         else:
             X.grouped_plain(xs, didx, 0, wg, bg if bg is not None else dummy, bg is not None,
-                            code, alpha, didx, dummy, False, hbuf, small)
+                            code, alpha, didx, dummy, False, hbuf, work, only="skinny")
         X.grouped_plain(hbuf, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
                         X.ACT_NONE, alpha, sidx if sidx is not None else didx,
-                        sval if sval is not None else dummy, sidx is not None, out, small)
-    big = sorted({int(t[0]) for t in work.tiled})
+                        sval if sval is not None else dummy, sidx is not None, out, work,
+                        only="skinny")
     if big:
         cx, cwg, cwd, ch, cout = (cp.asarray(v) for v in (xs, wg, wd, hbuf, out))
         cwu = cp.asarray(wu) if glu else None
         g = cp.empty((N, F), dtype=dt)
         u = cp.empty((N, F), dtype=dt) if glu else None
         for e in big:
-            lo, hi = int(off[e]), int(off[e + 1])
+            lo, hi = int(off_h[e]), int(off_h[e + 1])
             cp.matmul(cx[lo:hi], cwg[e], out=g[lo:hi])
             if glu:
                 cp.matmul(cx[lo:hi], cwu[e], out=u[lo:hi])
-        tab = work.device("tiled")
-        ntiles = work.tiled.shape[0]
+        _ts, tb, cnt, _cs, cap_b = work.tables(X._skinny_cfg()[0], X._tiled_cfg(glu)[0])
         bs = A.block(256)
         gd = A.as_device("g", g)
         ud = A.as_device("u", u) if glu else gd
-        _act_epilogue[A.grid(ntiles * bs, bs, 4), bs](
-            gd, ud, glu, bg if bg is not None else A.empty((1, 1), dt), bg is not None,
-            bu if bu is not None else A.empty((1, 1), dt), bu is not None, code, limit, alpha,
-            hbuf, tab, ntiles)
+        launch(_act_epilogue, min(cap_b, 65535), bs, 0, gd, ud, glu,
+               bg if bg is not None else A.empty((1, 1), dt), bg is not None,
+               bu if bu is not None else A.empty((1, 1), dt), bu is not None, code, limit,
+               alpha, hbuf, tb, cnt, 1)
         for e in big:
-            lo, hi = int(off[e]), int(off[e + 1])
+            lo, hi = int(off_h[e]), int(off_h[e + 1])
             cp.matmul(ch[lo:hi], cwd[e], out=cout[lo:hi])
         if bd is not None or sidx is not None:
-            _down_epilogue[A.grid(ntiles * bs, bs, 4), bs](
-                out, bd if bd is not None else A.empty((1, 1), dt), bd is not None,
-                sidx if sidx is not None else didx, sval if sval is not None else dummy,
-                sidx is not None, tab, ntiles)
-    parts = (["cublas"] if big else []) + (["skinny"] if small.skinny.shape[0] else [])
+            launch(_down_epilogue, min(cap_b, 65535), bs, 0, out,
+                   bd if bd is not None else A.empty((1, 1), dt), bd is not None,
+                   sidx if sidx is not None else didx, sval if sval is not None else dummy,
+                   sidx is not None, tb, cnt, 1)
+    parts = (["cublas"] if big else []) + (["skinny"] if small else [])
     return {"up": "+".join(parts), "down": "+".join(parts), "gemm": "cublas"}
 
 
 @cuda.jit
-def _act_epilogue(g, u, glu, bg, use_bg, bu, use_bu, code, limit, alpha, h, tiles, ntiles):
+def _act_epilogue(g, u, glu, bg, use_bg, bu, use_bu, code, limit, alpha, h, tiles, tcount,
+                  which):
+    ntiles = tcount[which]
     F = h.shape[1]
     for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
         e = tiles[t, 0]
@@ -109,7 +109,8 @@ def _act_epilogue(g, u, glu, bg, use_bg, bu, use_bu, code, limit, alpha, h, tile
 
 
 @cuda.jit
-def _down_epilogue(out, bd, use_bd, sidx, sval, use_scale, tiles, ntiles):
+def _down_epilogue(out, bd, use_bd, sidx, sval, use_scale, tiles, tcount, which):
+    ntiles = tcount[which]
     H = out.shape[1]
     for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
         e = tiles[t, 0]

@@ -36,6 +36,7 @@ from numba import cuda, float32, float64, int32, int64
 from .. import _validate as V
 from .._types import DispatchPlan
 from . import _arrays as A
+from ._launch import launch
 from ._checks import Checks
 
 _TILE_ROUNDS = 8          # rounds of 32 per group and tile in the scatter
@@ -74,10 +75,11 @@ def max_experts():
     return _SMEM // 4 - 32
 
 
-def multisplit(keys, E, order=None):
+def multisplit(keys, E, order=None, pos=None):
     """Stable counting sort of ``keys [m]`` (ints in ``[0, E)``, validated).
 
     Returns ``(order [m], offsets [E+1] int64, counts [E] int64)`` on the device.
+    ``pos [m]`` (optional, int64) also receives the inverse: ``pos[order[p]] = p``.
     """
     m = keys.shape[0]
     if E > max_experts():
@@ -92,14 +94,15 @@ def multisplit(keys, E, order=None):
     bs = groups * lanes
     g = A.grid(ntiles * bs, bs, 8)
     if m:
-        _ms_hist[g, bs, 0, E * 4](keys, E, tile, ntiles, hist)
+        launch(_ms_hist, g, bs, E * 4, keys, E, tile, ntiles, hist)
     else:
-        A._fill[1, A.block(128)](hist, 0)
+        launch(A._fill, 1, A.block(128), 0, hist, 0)
     sbs = A.block(1024)
-    _ms_scan[1, sbs, 0, sbs * 8](hist, E, ntiles, base, offsets, counts)
+    launch(_ms_scan, 1, sbs, sbs * 8, hist, E, ntiles, base, offsets, counts)
     if m:
-        _ms_scatter[g, bs, 0, (groups * E + bs) * 4](keys, E, tile, ntiles, rounds, lanes,
-                                                     base, order)
+        write_pos = pos is not None
+        launch(_ms_scatter, g, bs, (groups * E + bs) * 4, keys, E, tile, ntiles, rounds,
+               lanes, base, order, pos if write_pos else base, write_pos)
     return order, offsets, counts
 
 
@@ -136,22 +139,22 @@ def _apply_capacity(order, offsets, counts, k, cap, policy, w, dropped, E):
     bs = A.block(256)
     g = A.grid(E * bs, bs, 4)
     if policy == "slot":
-        _cap_slot[g, bs, 0, (k + bs + 4) * 8](order, offsets, k, cap, dropped)
+        launch(_cap_slot, g, bs, (k + bs + 4) * 8, order, offsets, k, cap, dropped)
     elif policy == "position":
-        _cap_position[g, bs](order, offsets, cap, dropped)
+        launch(_cap_position, g, bs, 0, order, offsets, cap, dropped)
     else:
         bits = A.empty((w.size,), np.float64)
         wf = A.reshape(w, (w.size,))
-        _score_values[A.grid(w.size, bs, 8), bs](wf, bits)
+        launch(_score_values, A.grid(w.size, bs, 8), bs, 0, wf, bits)
         keys = bits.view(np.int64)
-        _cap_score[g, bs, 0, (256 + bs + 4) * 8](order, offsets, cap, keys, dropped)
+        launch(_cap_score, g, bs, (256 + bs + 4) * 8, order, offsets, cap, keys, dropped)
     new_offsets = A.empty((E + 1,), np.int64)
     new_counts = A.empty((E,), np.int64)
-    _cap_offsets[1, 1](offsets, cap, new_offsets, new_counts)
+    launch(_cap_offsets, 1, 1, 0, offsets, cap, new_offsets, new_counts)
     n_kept = int(new_offsets[E:].copy_to_host()[0])
     new_order = A.empty((n_kept,), order.dtype)
     if n_kept:
-        _cap_compact[g, bs, 0, (bs + 4) * 8](order, offsets, dropped, new_offsets, new_order)
+        launch(_cap_compact, g, bs, (bs + 4) * 8, order, offsets, dropped, new_offsets, new_order)
     return new_order, new_offsets, new_counts
 
 
@@ -221,7 +224,7 @@ def gather_rows(x2, order, k, out):
     n, H = tuple(out.shape)
     if n and H:
         bs = A.block(_row_block(H))
-        _permute_kernel[A.grid(n * bs, bs, 16), bs](x2, order, k, out)
+        launch(_permute_kernel, A.grid(n * bs, bs, 16), bs, 0, x2, order, k, out)
     return out
 
 
@@ -255,11 +258,11 @@ def inverse_positions(order, dropped, check=False):
     pos = A.full((m,), np.int64, -1)
     bs = A.block(256)
     if n:
-        _inverse_kernel[A.grid(n, bs, 8), bs](order, pos)
+        launch(_inverse_kernel, A.grid(n, bs, 8), bs, 0, order, pos)
         if check:
             bad = A.zeros((1,), np.int64)
             flat = A.reshape(dropped, (m,))
-            _inverse_check_kernel[A.grid(n, bs, 8), bs](order, pos, flat, bad)
+            launch(_inverse_check_kernel, A.grid(n, bs, 8), bs, 0, order, pos, flat, bad)
             nbad = int(bad.copy_to_host()[0])
             if nbad:
                 raise ValueError(f"plan.order repeats ids or lists dropped assignments "
@@ -273,7 +276,7 @@ def combine(ys, pos, w, k, out, *, weighted=True):
     if T and H:
         bs = A.block(_row_block(H))
         kern = _combine_kernel(str(out.dtype), weighted)
-        kern[A.grid(T * bs, bs, 16), bs](ys, pos, w, k, out)
+        launch(kern, A.grid(T * bs, bs, 16), bs, 0, ys, pos, w, k, out)
     return out
 
 
@@ -348,7 +351,7 @@ def _ms_scan(hist, E, ntiles, base, offsets, counts):
 
 
 @cuda.jit
-def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, base, order):
+def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, base, order, pos, write_pos):
     sh = cuda.shared.array(0, int32)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -393,7 +396,10 @@ def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, base, order):
                     elif j > lane:
                         last = False
             if key >= 0:
-                order[base[key * ntiles + tl] + sh[cbase + key] + rank] = i
+                p = base[key * ntiles + tl] + sh[cbase + key] + rank
+                order[p] = i
+                if write_pos:
+                    pos[i] = p
             cuda.syncthreads()
             if key >= 0 and last:
                 sh[cbase + key] += rank + 1

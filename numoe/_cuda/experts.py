@@ -41,6 +41,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from . import _arrays as A
+from ._launch import launch
 
 #: which kernels the last call used, e.g. {"glu": "tiled+skinny", "down": "tiled"}
 last_path: dict = {}
@@ -74,50 +75,89 @@ def _skinny_cfg():
 
 
 # ------------------------------------------------------------- tile tables
-def _tiles(off_host, bm, select):
-    """Host table ``[n, 3]`` int64 of (expert, row0, row1) tiles of ``bm`` rows for the
-    experts whose row count passes ``select``."""
-    rows = []
-    for e in range(off_host.shape[0] - 1):
-        lo, hi = int(off_host[e]), int(off_host[e + 1])
-        if hi > lo and select(hi - lo):
-            for r in range(lo, hi, bm):
-                rows.append((e, r, min(hi, r + bm)))
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
-
-
 class _Work:
-    """The tile tables of one grouped problem (host offsets -> device tables)."""
+    """The work list of one grouped problem: (expert, row0, row1) tiles, built on the device.
 
-    def __init__(self, off_host, glu, force=None):
-        counts = np.diff(off_host)
-        self.n_rows = int(off_host[-1])
-        cfg_t = _tiled_cfg(glu)
-        cfg_s = _skinny_cfg()
+    ``offsets`` is a device int array ``[E+1]`` and ``n_rows`` its last value
+    (known on the host). One single-thread kernel walks the experts and
+    appends each expert's row tiles to the skinny table (experts with at most
+    ``max_small`` rows) or to the tiled one; the GEMM kernels read the tile
+    counts from the device, so nothing is copied back to the host. A table
+    is built per tile height (the skinny and the tiled kernels' ``BM``).
+    Launch grids use host upper bounds; blocks without a tile exit at once.
+    """
+
+    def __init__(self, offsets, n_rows, force=None):
+        self.offsets = offsets
+        self.n_rows = int(n_rows)
+        self.E = offsets.shape[0] - 1
         if force == "tiled":
-            small = lambda c: False  # noqa: E731
+            self.max_small = -1
         elif force == "skinny":
-            small = lambda c: True  # noqa: E731
+            self.max_small = self.n_rows + 1
         else:
-            small = lambda c: c <= SKINNY_MAX_ROWS  # noqa: E731
-        self.skinny = _tiles(off_host, cfg_s[0], small)
-        self.tiled = _tiles(off_host, cfg_t[0], lambda c: not small(c))
-        self.max_count = int(counts.max()) if counts.size else 0
-        self._dev = {}
+            self.max_small = SKINNY_MAX_ROWS
+        self.force = force
+        self._tabs = {}
 
-    def device(self, which):
-        if which not in self._dev:
-            tab = self.skinny if which == "skinny" else self.tiled
-            self._dev[which] = cuda.to_device(tab) if tab.shape[0] else None
-        return self._dev[which]
+    def has(self, which):
+        """Whether kernels of this family can have tiles (host bound, no sync)."""
+        if which == "skinny":
+            return self.max_small >= 1
+        return self.n_rows > self.max_small
+
+    def tables(self, bm_small, bm_big):
+        """Device ``(tiles_small, tiles_big, counts[2])`` for these tile heights."""
+        key = (bm_small, bm_big)
+        if key not in self._tabs:
+            cap_s = max(1, min(-(-self.n_rows // bm_small) + self.E,
+                               self.E * max(1, -(-max(self.max_small, 1) // bm_small))))
+            cap_b = max(1, -(-self.n_rows // bm_big) + self.E)
+            ts = A.empty((cap_s, 3), np.int64)
+            tb = A.empty((cap_b, 3), np.int64)
+            cnt = A.empty((2,), np.int64)
+            launch(_build_tiles, 1, 1, 0, self.offsets, self.max_small, bm_small, bm_big,
+                   ts, tb, cnt)
+            self._tabs[key] = (ts, tb, cnt, cap_s, cap_b)
+        return self._tabs[key]
 
     def describe(self):
-        parts = []
-        if self.tiled.shape[0]:
-            parts.append("tiled")
-        if self.skinny.shape[0]:
-            parts.append("skinny")
+        parts = [w for w in ("tiled", "skinny") if self.has(w)]
         return "+".join(parts) or "none"
+
+
+@cuda.jit
+def _build_tiles(off, max_small, bm_small, bm_big, ts, tb, cnt):
+    """One thread: split each expert's rows into tiles of the small or the big kind."""
+    if cuda.grid(1) != 0:
+        return
+    ns = 0
+    nb = 0
+    E = off.shape[0] - 1
+    for e in range(E):
+        lo = int64(off[e])
+        hi = int64(off[e + 1])
+        c = hi - lo
+        if c <= 0:
+            continue
+        if c <= max_small:
+            r = lo
+            while r < hi and ns < ts.shape[0]:
+                ts[ns, 0] = e
+                ts[ns, 1] = r
+                ts[ns, 2] = min(hi, r + bm_small)
+                ns += 1
+                r += bm_small
+        else:
+            r = lo
+            while r < hi and nb < tb.shape[0]:
+                tb[nb, 0] = e
+                tb[nb, 1] = r
+                tb[nb, 2] = min(hi, r + bm_big)
+                nb += 1
+                r += bm_big
+    cnt[0] = ns
+    cnt[1] = nb
 
 
 # ------------------------------------------------------------------- public
@@ -131,11 +171,11 @@ def expert_ffn(xs, offsets, w_gate, w_up, w_down, *, activation="silu", b_gate=N
     N, H = tuple(xs.shape)
     wg, wu, wd, bg, bu, bd, E, F = _check_weights(xs.dtype, H, w_gate, w_up, w_down,
                                                   b_gate, b_up, b_down)
-    off = _offsets_host(offsets, E, N)
+    off = _offsets_checked(offsets, E, N)
     ys = A.empty((N, H), xs.dtype)
     if N == 0:
         return ys
-    run_ffn(xs, None, 0, off, wg, wu, wd, bg, bu, bd, opts.code, opts.limit, opts.alpha,
+    run_ffn(xs, None, 0, off, N, wg, wu, wd, bg, bu, bd, opts.code, opts.limit, opts.alpha,
             ys, None, None)
     return ys
 
@@ -149,7 +189,7 @@ def moe_ffn(x, plan_order, k, offsets, w_gate, w_up, w_down, *, activation="silu
     Returns ``ys [N, H]`` with ``ys[i] = w_flat[order[i]] * ffn_e(x[order[i] // k])``
     (without the factor when ``weights`` is None); combine with
     :func:`numoe._cuda.dispatch.combine` (``weighted=False``). Arguments are
-    trusted (the layer made them); ``offsets`` may be a host or device array.
+    trusted (the layer made them); ``offsets`` is the plan's device array.
     """
     from ..experts import _check_expert_options
 
@@ -157,16 +197,14 @@ def moe_ffn(x, plan_order, k, offsets, w_gate, w_up, w_down, *, activation="silu
     T, H = tuple(x.shape)
     wg, wu, wd, bg, bu, bd, E, F = _check_weights(x.dtype, H, w_gate, w_up, w_down,
                                                   b_gate, b_up, b_down)
-    off = offsets if isinstance(offsets, np.ndarray) else A.as_device(
-        "offsets", offsets).copy_to_host()
-    off = np.asarray(off, dtype=np.int64)
-    N = int(off[-1])
+    off = A.as_device("offsets", offsets)
+    N = int(plan_order.shape[0])
     ys = A.empty((N, H), x.dtype)
     if N == 0:
         return ys
     wflat = None if weights is None else A.reshape(A.astype(weights, x.dtype),
                                                    (weights.size,))
-    run_ffn(x, plan_order, k, off, wg, wu, wd, bg, bu, bd, opts.code, opts.limit,
+    run_ffn(x, plan_order, k, off, N, wg, wu, wd, bg, bu, bd, opts.code, opts.limit,
             opts.alpha, ys, plan_order if wflat is not None else None, wflat, gemm=gemm)
     return ys
 
@@ -202,19 +240,20 @@ def _weight(name, a, dtype, shape):
     return A.contiguous(w)
 
 
-def _offsets_host(offsets, E, N):
-    """Offsets copied to the host (one small synchronising copy) and validated there."""
+def _offsets_checked(offsets, E, N):
+    """Device offsets, validated through a small synchronising copy to the host."""
     o = A.as_device("offsets", offsets)
     if o.dtype.kind not in "iu":
         raise TypeError(f"offsets must be an integer array, got dtype {o.dtype}")
     A.check_shape("offsets", o, (E + 1,))
+    o = A.int_arg("offsets", o)
     arr = np.ascontiguousarray(o.copy_to_host(), dtype=np.int64)
     if arr[0] != 0 or arr[-1] != N:
         raise ValueError(f"offsets must start at 0 and end at the number of rows of xs "
                          f"({N}); got {int(arr[0])} .. {int(arr[-1])}")
     if np.any(np.diff(arr) < 0):
         raise ValueError("offsets must be nondecreasing")
-    return arr
+    return o
 
 
 # -------------------------------------------------------------- the driver
@@ -228,28 +267,29 @@ def _gemm_mode(gemm):
     return mode
 
 
-def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
+def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
             sidx, sval, *, gemm=None, force=None):
-    """Grouped FFN over validated device arrays; ``off`` is a host int64 array.
+    """Grouped FFN over validated device arrays.
 
+    ``off`` is the device ``[E+1]`` offsets array and ``N`` its last value.
     ``a`` is ``xs [N, H]`` (``gidx`` None) or the token matrix read through
     ``gidx``/``kdiv``; ``sidx``/``sval`` give the optional per-row scale
-    ``sval[sidx[r]]`` of the output.
+    ``sval[sidx[r]]`` of the output. No host synchronisation on the numba
+    path.
     """
-    N = int(off[-1])
+    N = int(N)
     E, H, F = tuple(wg.shape)
     glu = wu is not None
     dt = a.dtype
     hbuf = A.empty((N, F), dt)
     mode = _gemm_mode(gemm)
-    work = _Work(off, glu, force)
+    work = _Work(off, N, force)
     dummy = A.empty((1,), dt)         # stand-ins of the right types for absent arrays
-    dummy2 = A.empty((1, 1), dt)
     didx = A.empty((1,), np.int64)
     g_idx = gidx if gidx is not None else didx
     s_idx = sidx if sidx is not None else didx
     s_val = sval if sval is not None else dummy
-    if mode == "cublas" and work.max_count > SKINNY_MAX_ROWS:
+    if mode == "cublas" and work.has("tiled"):
         from . import _cublas
 
         path = _cublas.run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit,
@@ -260,31 +300,34 @@ def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
     # layer 1: gate (+up) with the activation
     if glu:
         grouped_glu(a, g_idx, kdiv if gidx is not None else 0, wg, wu,
-                    bg if bg is not None else dummy2, bg is not None,
-                    bu if bu is not None else dummy2, bu is not None,
+                    bg if bg is not None else dummy, bg is not None,
+                    bu if bu is not None else dummy, bu is not None,
                     code, limit, alpha, hbuf, work)
     else:
         grouped_plain(a, g_idx, kdiv if gidx is not None else 0, wg,
-                      bg if bg is not None else dummy2, bg is not None, code, alpha,
+                      bg if bg is not None else dummy, bg is not None, code, alpha,
                       didx, dummy, False, hbuf, work)
     # layer 2: down projection (+bias, x routing weight)
-    grouped_plain(hbuf, didx, 0, wd, bd if bd is not None else dummy2, bd is not None,
+    grouped_plain(hbuf, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
                   ACT_NONE, alpha, s_idx, s_val, sidx is not None, out, work)
     last_path.clear()
-    last_path.update({"up": work.describe(), "down": work.describe(), "gemm": "numba"})
+    last_path.update({"up": work.describe(), "down": work.describe(), "gemm": "numba",
+                      "work": work})
     return out
 
 
-def grouped_glu(a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha, h, work):
+def grouped_glu(a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha, h, work,
+                only=None):
     """``h[r] = glu(a_r @ wg[e] + bg[e], a_r @ wu[e] + bu[e])`` over the work's tiles."""
     _launch(True, a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha,
-            gidx, A.empty((1,), a.dtype), False, h, work)
+            gidx, A.empty((1,), a.dtype), False, h, work, only)
 
 
-def grouped_plain(a, gidx, kdiv, w, b, use_b, code, alpha, sidx, sval, use_scale, out, work):
+def grouped_plain(a, gidx, kdiv, w, b, use_b, code, alpha, sidx, sval, use_scale, out, work,
+                  only=None):
     """``out[r] = act(a_r @ w[e] + b[e]) * sval[sidx[r]]`` over the work's tiles."""
     _launch(False, a, gidx, kdiv, w, w, b, use_b, b, False, code, 0.0, alpha,
-            sidx, sval, use_scale, out, work)
+            sidx, sval, use_scale, out, work, only)
 
 
 def _flat(x):
@@ -292,26 +335,24 @@ def _flat(x):
 
 
 def _launch(glu, a, gidx, kdiv, w1, w2, b1, use_b1, b2, use_b2, code, limit, alpha,
-            sidx, sval, use_scale, out, work):
+            sidx, sval, use_scale, out, work, only=None):
     K = a.shape[1]
     NO = out.shape[1]
     dt = str(a.dtype)
     args = (_flat(a), gidx, kdiv, K, _flat(w1), _flat(w2), NO, _flat(b1), use_b1,
             _flat(b2), use_b2, code, limit, alpha, sidx, sval, use_scale, _flat(out))
-    tab = work.device("tiled")
-    if tab is not None:
-        kern, nthreads, smem = _tiled(dt, glu, *_tiled_cfg(glu))
-        ntiles = work.tiled.shape[0]
-        BN = _tiled_cfg(glu)[1]
-        grid = (min(ntiles, 65535), -(-NO // BN))
-        kern[grid, nthreads, 0, smem](*args, tab, ntiles)
-    tab = work.device("skinny")
-    if tab is not None:
-        BMS, NT, KC, UN = _skinny_cfg()
+    cfg_t = _tiled_cfg(glu)
+    cfg_s = _skinny_cfg()
+    ts, tb, cnt, cap_s, cap_b = work.tables(cfg_s[0], cfg_t[0])
+    if work.has("tiled") and only in (None, "tiled"):
+        kern, nthreads, smem = _tiled(dt, glu, *cfg_t)
+        grid = (min(cap_b, 65535), -(-NO // cfg_t[1]))
+        launch(kern, grid, nthreads, smem, *args, tb, cnt, 1)
+    if work.has("skinny") and only in (None, "skinny"):
+        BMS, NT, KC, UN = cfg_s
         kern, smem = _skinny(dt, glu, BMS, NT, KC, UN)
-        ntiles = work.skinny.shape[0]
-        grid = (min(ntiles, 65535), -(-NO // NT))
-        kern[grid, NT, 0, smem](*args, tab, ntiles)
+        grid = (min(cap_s, 65535), -(-NO // NT))
+        launch(kern, grid, NT, smem, *args, ts, cnt, 0)
 
 
 # ------------------------------------------------------------ device maths
@@ -383,8 +424,9 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
 
     @cuda.jit
     def kern(a, gidx, kdiv, K, w1, w2, NO, b1, use_b1, b2, use_b2, code, limit, alpha,
-             sidx, sval, use_scale, out, tiles, ntiles):
+             sidx, sval, use_scale, out, tiles, tcount, which):
         sm = cuda.shared.array(0, ft)
+        ntiles = tcount[which]
         tid = U(cuda.threadIdx.x)
         tx = tid % uNTX
         ty = tid // uNTX
@@ -520,8 +562,9 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
 
     @cuda.jit
     def kern(a, gidx, kdiv, K, w1, w2, NO, b1, use_b1, b2, use_b2, code, limit, alpha,
-             sidx, sval, use_scale, out, tiles, ntiles):
+             sidx, sval, use_scale, out, tiles, tcount, which):
         sm = cuda.shared.array(0, ft)
+        ntiles = tcount[which]
         tid = U(cuda.threadIdx.x)
         uK = U(K)
         uNO = U(NO)

@@ -8,9 +8,23 @@ output element, fixed summation order).
 from __future__ import annotations
 
 import numpy as np
+from numba import cuda
 
 from . import _arrays as A
+from ._launch import launch
 from . import experts as X
+
+
+_OFFSETS: dict = {}
+
+
+def _range_offsets(M):
+    """Device ``[0, M]`` (cached: decoding calls with the same ``M`` again and again)."""
+    if M not in _OFFSETS:
+        if len(_OFFSETS) > 64:
+            _OFFSETS.clear()
+        _OFFSETS[M] = cuda.to_device(np.array([0, M], dtype=np.int64))
+    return _OFFSETS[M]
 
 
 def matmul(a, b, out=None):
@@ -45,10 +59,9 @@ def matmul(a, b, out=None):
         res = A.reshape(res, shape)
     if M and N:
         if K == 0:
-            A._fill[A.grid(M * N, A.block(256)), A.block(256)](A.reshape(res, (M * N,)), 0)
+            launch(A._fill, A.grid(M * N, A.block(256)), A.block(256), 0, A.reshape(res, (M * N,)), 0)
         else:
-            off = np.array([0, M], dtype=np.int64)
-            work = X._Work(off, False)
+            work = X._Work(_range_offsets(M), M)
             w3 = A.reshape(bd, (1, K, N))
             dummy = A.empty((1,), a2.dtype)
             didx = A.empty((1,), np.int64)

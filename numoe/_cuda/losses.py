@@ -16,6 +16,7 @@ from numba import cuda, float64, int64
 
 from .. import _validate as V
 from . import _arrays as A
+from ._launch import launch
 from ._checks import Checks
 
 _CHUNK = 1024     # rows per partial sum (fixed: results do not depend on the grid)
@@ -41,7 +42,7 @@ def _mask_arg(mask, T):
         out = A.empty((T,), np.bool_)
         if T:
             bs = A.block(256)
-            _to_bool[A.grid(T, bs), bs](m, out)
+            launch(_to_bool, A.grid(T, bs), bs, 0, m, out)
         m = out
     return m
 
@@ -55,9 +56,9 @@ def _hist(flat, E, mask_rows=None, k=1):
         use_mask = mask_rows is not None
         mrows = mask_rows if use_mask else A.empty((1,), np.bool_)
         if E * 8 <= 48 * 1024:
-            _hist_shared[A.grid(n, bs, 4), bs, 0, E * 8](flat, E, mrows, use_mask, k, counts)
+            launch(_hist_shared, A.grid(n, bs, 4), bs, E * 8, flat, E, mrows, use_mask, k, counts)
         else:
-            _hist_global[A.grid(n, bs, 4), bs](flat, mrows, use_mask, k, counts)
+            launch(_hist_global, A.grid(n, bs, 4), bs, 0, flat, mrows, use_mask, k, counts)
     return counts
 
 
@@ -69,9 +70,9 @@ def _column_sums(a, mask):
     use_mask = mask is not None
     m = mask if use_mask else A.empty((1,), np.bool_)
     bs = A.block(128)
-    _colsum_partial[A.grid(nchunks * max(E, 1), bs, 16), bs](a, m, use_mask, _CHUNK, part)
+    launch(_colsum_partial, A.grid(nchunks * max(E, 1), bs, 16), bs, 0, a, m, use_mask, _CHUNK, part)
     out = A.empty((E,), np.float64)
-    _colsum_final[A.grid(E, bs), bs](part, out)
+    launch(_colsum_final, A.grid(E, bs), bs, 0, part, out)
     return out
 
 
@@ -130,7 +131,7 @@ def router_z_loss(logits, *, mask=None):
     use_mask = m is not None
     mm = m if use_mask else A.empty((1,), np.bool_)
     bs = A.block(256)
-    _zloss_partial[A.grid(nchunks * bs, bs, 16), bs, 0, bs * 16](z, mm, use_mask, _CHUNK,
+    launch(_zloss_partial, A.grid(nchunks * bs, bs, 16), bs, bs * 16, z, mm, use_mask, _CHUNK,
                                                                  part)
     host = part.copy_to_host()
     total, n = 0.0, 0.0
@@ -159,7 +160,7 @@ def update_bias(bias, counts, rate):
     out = A.empty((E,), np.float32)
     if E:
         bs = A.block(256)
-        _update_bias_kernel[1, bs, 0, bs * 8](b, c, rate, out)
+        launch(_update_bias_kernel, 1, bs, bs * 8, b, c, rate, out)
     return out
 
 
@@ -212,7 +213,7 @@ def _weight_mass(flat, wflat, E):
     order, offsets, _ = multisplit(flat, E)
     out = A.empty((E,), np.float64)
     bs = A.block(256)
-    _segment_sums[A.grid(E * bs, bs, 4), bs, 0, bs * 8](order, offsets, wflat, out)
+    launch(_segment_sums, A.grid(E * bs, bs, 4), bs, bs * 8, order, offsets, wflat, out)
     return out
 
 
@@ -222,7 +223,7 @@ def _count_true(m):
         return 0
     res = A.zeros((1,), np.int64)
     bs = A.block(256)
-    _count_kernel[A.grid(n, bs, 8), bs](m, res)
+    launch(_count_kernel, A.grid(n, bs, 8), bs, 0, m, res)
     return int(res.copy_to_host()[0])
 
 

@@ -8,8 +8,8 @@ a whole-layer driver may take:
 * expert rows are read from ``x`` through the plan (no ``[N, H]`` permuted
   copy) and the down projection multiplies each row by its routing weight
   in its epilogue, so the combine is a plain fixed-order sum per token;
-* two host synchronisations per call: the routing status and the offsets
-  that size the GEMM work list.
+* the GEMM work list is built on the device, and the routing status is read
+  back once at the end: one host synchronisation per (dropless) call.
 
 Used by ``numoe._cuda.bench`` and available to the layer as
 ``numoe._cuda.moe.forward(layer, x)``.
@@ -23,6 +23,7 @@ from numba import cuda, float64
 
 from .._types import DispatchPlan
 from . import _arrays as A
+from ._launch import launch
 from . import dispatch as D
 from . import experts as X
 from . import gemm as G
@@ -40,7 +41,8 @@ def forward(layer, x, *, gemm=None, return_parts=False):
 
     ``gemm``: ``None``/"numba" (numba kernels) or "cublas" (CuPy's cuBLAS for
     experts with many rows). ``return_parts``: also return ``(logits, routing,
-    plan)``.
+    plan)``. Without a capacity the whole forward is queued without a host
+    synchronisation; the routing status is read back once at the end.
     """
     cfg = layer.config
     x2, lead = A.tokens_2d("x", x)
@@ -49,51 +51,59 @@ def forward(layer, x, *, gemm=None, return_parts=False):
     logits = G.matmul(x2, layer.router)
     if layer.router_bias is not None and T:
         bs = A.block(256)
-        _add_row[A.grid(T * E, bs), bs](logits, layer.router_bias)
-    routing = R.route(logits, k, score=cfg.score, renormalize=cfg.renormalize,
-                      bias=layer.selection_bias, n_groups=cfg.n_groups,
-                      topk_groups=cfg.topk_groups, group_score=cfg.group_score,
-                      scale=cfg.scale)
+        launch(_add_row, A.grid(T * E, bs), bs, 0, logits, layer.router_bias)
+    routing, status = R.route_async(logits, k, score=cfg.score, renormalize=cfg.renormalize,
+                                    bias=layer.selection_bias, n_groups=cfg.n_groups,
+                                    topk_groups=cfg.topk_groups, group_score=cfg.group_score,
+                                    scale=cfg.scale)
     m = T * k
     flat = A.reshape(routing.experts, (m,))
-    order, offsets, counts = D.multisplit(flat, E)
-    dropped = A.zeros((m,), np.bool_)
     cap = None
-    if cfg.capacity_factor is not None:
+    dropped = None
+    if cfg.capacity_factor is None:
+        pos = A.empty((m,), np.int64)
+        order, offsets, counts = D.multisplit(flat, E, pos=pos)
+    else:
         from ..dispatch import capacity
 
         cap = capacity(T, E, k, cfg.capacity_factor)
+        order, offsets, counts = D.multisplit(flat, E)
+        dropped = A.zeros((m,), np.bool_)
         if m:
             order, offsets, counts = D._apply_capacity(order, offsets, counts, k, cap,
                                                        cfg.drop_policy, routing.weights,
                                                        dropped, E)
-    off_host = offsets.copy_to_host()
-    N = int(off_host[-1])
+        pos = D.inverse_positions(order, dropped)
+    N = int(order.shape[0])
     y = A.empty((T, H), x2.dtype)
     opts = _layer_code(cfg)
     if N:
         ys = A.empty((N, H), x2.dtype)
         wflat = A.reshape(routing.weights, (m,))
-        X.run_ffn(x2, order, k, off_host, layer.w_gate, layer.w_up, layer.w_down,
+        X.run_ffn(x2, order, k, offsets, N, layer.w_gate, layer.w_up, layer.w_down,
                   layer.b_gate, layer.b_up, layer.b_down, opts.code, opts.limit, opts.alpha,
                   ys, order, wflat, gemm=gemm)
-        pos = D.inverse_positions(order, dropped)
         D.combine(ys, pos, wflat, k, y, weighted=False)
     elif T:
-        A._fill[A.grid(T * H, A.block(256)), A.block(256)](A.reshape(y, (T * H,)), 0)
-    shared = getattr(layer, "_dev", {}).get("shared") if hasattr(layer, "_dev") else None
+        launch(A._fill, A.grid(T * H, A.block(256)), A.block(256), 0, A.reshape(y, (T * H,)),
+               0)
+    shared = layer._dev.get("shared") if hasattr(layer, "_dev") else None
     if shared is not None and T:
         sg, su, sd = shared
         sh = A.empty((T, H), x2.dtype)
-        X.run_ffn(x2, None, 0, np.array([0, T], np.int64), sg, su, sd, None, None, None,
+        X.run_ffn(x2, None, 0, G._range_offsets(T), T, sg, su, sd, None, None, None,
                   0, math.inf, 1.702, sh, None, None, gemm=gemm)
         gw = layer.shared_gate_weight
         gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)))
         bs = A.block(256)
-        _add_shared[A.grid(T * H, bs), bs](y, sh, gate if gate is not None else sh,
-                                           gate is not None)
+        launch(_add_shared, A.grid(T * H, bs), bs, 0, y, sh,
+               gate if gate is not None else sh, gate is not None)
+    if status is not None:
+        R.check_status(status)           # the one synchronisation of the dropless forward
     y = A.reshape(y, lead + (H,))
     if return_parts:
+        if dropped is None:
+            dropped = A.zeros((m,), np.bool_)
         plan = DispatchPlan(order, offsets, counts, A.reshape(dropped, (T, k)), cap)
         return y, (logits, routing, plan)
     return y

@@ -26,6 +26,7 @@ from numba import cuda, float32, float64, int32, int64
 from .. import _validate as V
 from .._types import Routing
 from . import _arrays as A
+from ._launch import launch
 from ._checks import BIG, Checks
 
 OK = 0
@@ -71,6 +72,27 @@ def _tile(E, itemsize):
 def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1,
           topk_groups=None, group_score="top2", scale=1.0):
     """Device twin of :func:`numoe.route` (same arguments, device arrays in and out)."""
+    r, res = route_async(logits, k, score=score, renormalize=renormalize, bias=bias,
+                         n_groups=n_groups, topk_groups=topk_groups, group_score=group_score,
+                         scale=scale)
+    if res is not None:
+        check_status(res)
+    return r
+
+
+def check_status(res):
+    """Raise the ValueError that a route status buffer records (one synchronising copy)."""
+    _raise_status("logits", res.copy_to_host())
+
+
+def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1,
+                topk_groups=None, group_score="top2", scale=1.0):
+    """:func:`route` without reading the row status back: returns ``(Routing, status)``.
+
+    The caller must pass ``status`` (None when there are no tokens) to
+    :func:`check_status` before trusting the routing -- the fused layer does
+    so once, at the end of its forward.
+    """
     from ..routing import _check_route_options
 
     z, lead = _check_logits(logits)
@@ -92,6 +114,7 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
     k = opt.k
     weights = A.empty((T, k), z.dtype)
     experts = A.empty((T, k), np.int32)
+    res = None
     if T:
         res = A.zeros((2,), np.int64)
         bs, staged = _tile(E, z.dtype.itemsize)
@@ -101,11 +124,10 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
         nt = -(-T // bs)
         g = A.grid(nt * bs, bs, 4)
         bias_arr = b if b is not None else A.zeros((E,), np.float64)
-        kern[g, bs, 0, shmem](z, bias_arr, b is not None, opt.sigmoid, opt.renormalize,
+        launch(kern, g, bs, shmem, z, bias_arr, b is not None, opt.sigmoid, opt.renormalize,
                               opt.n_groups, opt.topk_groups, opt.group_max, opt.grouped,
-                              opt.scale, weights, experts, res)
-        _raise_status("logits", res.copy_to_host())
-    return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,)))
+               opt.scale, weights, experts, res)
+    return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,))), res
 
 
 def router_probs(logits, score="softmax"):
@@ -119,7 +141,7 @@ def router_probs(logits, score="softmax"):
     if z.size:
         res = A.zeros((2,), np.int64)
         bs = A.block(128)
-        _probs_kernel[A.grid(T, bs, 8), bs](z, score == "sigmoid", out, res)
+        launch(_probs_kernel, A.grid(T, bs, 8), bs, 0, z, score == "sigmoid", out, res)
         _raise_status("logits", res.copy_to_host())
     return A.reshape(out, lead + (E,))
 
