@@ -480,6 +480,8 @@ numbers, with the machine they were measured on, are in
 this notebook — compare ratios within one run, not absolute times across
 machines."""),
     ("code", SETUP + """
+import warnings
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm, via transformers
 from numoe import bench
 
 info = bench.machine_info()

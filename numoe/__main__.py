@@ -128,13 +128,16 @@ def _bench(args, argv):
         info["threads"] = args.threads
     print(bench.header_line(info))
     print(f"command: numoe bench {' '.join(argv[1:])}".rstrip())
-    if args.suite == "layers" and rows and "blas_gflops" in rows[0]:
+    if args.suite == "layers" and args.device == "cpu" and rows:
         print(f"BLAS {args.dtype} GEMM rate (np.matmul 2048^3, median): "
               f"{rows[0]['blas_gflops']:.1f} GFLOP/s")
     print()
     print(bench.format_table(rows, args.suite))
     rss = bench.peak_rss_mib()
-    print(f"\npeak RSS: {rss:.0f} MiB")
+    extra = ""
+    if args.suite == "startup":   # the work ran in child processes
+        extra = f" (largest child process: {bench.peak_rss_mib(children=True):.0f} MiB)"
+    print(f"\npeak RSS: {rss:.0f} MiB{extra}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(suite=args.suite, device=args.device, command=argv, machine=info,

@@ -628,9 +628,10 @@ def header_line(info):
             f"torch {info['torch'] or 'not installed'} | BLAS {info['blas']}")
 
 
-def peak_rss_mib():
-    """Peak resident set size of this process (and waited-for children excluded), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_rss_mib(children=False):
+    """Peak resident set size in MiB of this process (or of its largest finished child)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024.0
 
 
 def _fmt(v, kind):

@@ -209,6 +209,6 @@ def router_probs(logits, score="softmax"):
     status = np.empty(z.shape[0], dtype=np.uint8)
     use_sigmoid = score == "sigmoid"
     if z.size:
-        cpu.probs(z, use_sigmoid, out, status)
+        cpu.probs(z, use_sigmoid, _CHUNK, out, status)
         _raise_row_status("logits", status)
     return out.reshape(lead + (z.shape[1],))

@@ -141,6 +141,16 @@ def test_bit_identical_across_thread_counts(counts):
     assert np.array_equal(call("cpu", xs, off, kw), outs[0])      # and run to run
 
 
+@pytest.mark.parametrize("glu,bias", [(True, True), (False, True), (True, False)])
+def test_column_split_experts(glu, bias):
+    """Few experts with few rows: each is cut into column chunks (all threads read)."""
+    rng = np.random.default_rng(10)
+    xs, off, kw = problem(rng, [0, 2, 0, 1], 70, 600, np.float64, glu=glu, bias=bias)
+    tasks = cpu_experts.plan_tasks(off, 70, 600, 70, glu)
+    assert {t[0] for t in tasks} == {cpu_experts.SPLIT_GLU, cpu_experts.SPLIT_DOWN}
+    assert_close(call("cpu", xs, off, kw), expected(xs, off, kw), np.float64)
+
+
 def test_streaming_kernel_rows_are_independent():
     """A few-row block gives each row the result it gets alone (fixed-order sums)."""
     rng = np.random.default_rng(8)

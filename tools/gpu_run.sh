@@ -19,6 +19,10 @@ fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-/tmp/numba_cache}"
+# numba-cuda's low-occupancy warning is its own class (numba.cuda.core.errors), which the
+# pytest filter in pyproject.toml does not cover; numoe silences it for its own launches,
+# this covers direct numba launches elsewhere (e.g. the layer's helper kernels).
+export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 mode="${1:-all}"; shift || true
 rc=0
 
@@ -42,8 +46,8 @@ case "$mode" in
     python3 tools/gpu_check.py "$@" 2>&1 | tee "$OUT/check.log" || rc=1
     ;;&
   test|all)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
-    python3 -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/pytest_all.log" || rc=1
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
+    timeout "${NUMOE_GPU_PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/pytest_all.log" || rc=1
     ;;&
   bench|all)
     python3 tools/gpu_bench.py "$@" 2>&1 | tee "$OUT/bench.log" || rc=1

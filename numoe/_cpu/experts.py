@@ -48,10 +48,9 @@ from numba import prange
 from .._jit import driver, kernel
 
 # Task rules. Results depend on these (and on the sizes), never on threads.
-SMALL_ROWS = 8          # expert blocks with fewer rows stream their weights
+SMALL_ROWS = 16         # expert blocks with fewer rows stream their weights
 MIN_TASKS = 4           # below this many tasks, streaming experts split by columns
 SPLIT_COLS = 256        # column chunks are multiples of this
-STREAM_BLOCK = 512      # column block of the streaming loop for 2+ rows
 TASK_FLOPS = 2.0e9      # target FLOPs of one BLAS task (bounds its row block)
 MIN_TASK_ROWS = 64
 MAX_TASK_ROWS = 512
@@ -63,52 +62,57 @@ BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
 
 # ------------------------------------------------------------- serial kernels
 @kernel
-def _act(v, code):
-    """Scalar activation (float64 in and out); codes index ``numoe.experts.ACTIVATIONS``."""
+def _act(v, code, one, half, rs2, k1, k3):
+    """Scalar activation in the dtype of ``v`` (constants passed in that dtype);
+    codes index ``numoe.experts.ACTIVATIONS``."""
     if code == 0:                                   # silu
-        return v / (1.0 + math.exp(-v))
+        return v / (one + math.exp(-v))
     if code == 1:                                   # gelu (erf)
-        return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
+        return half * v * (one + math.erf(v * rs2))
     if code == 2:                                   # gelu, tanh approximation
-        return 0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    return 0.0 if v < 0.0 else v                    # relu (NaN passes through)
-
-
-@kernel
-def _glu_value(g, u, code, limit, alpha):
-    """``act(g) * u`` (GLU) or the gpt-oss clamped SwiGLU, in float64."""
-    if code == 4:
-        if g > limit:
-            g = limit
-        if u > limit:
-            u = limit
-        elif u < -limit:
-            u = -limit
-        return (u + 1.0) * g / (1.0 + math.exp(-alpha * g))
-    return _act(g, code) * u
+        return half * v * (one + math.tanh(k1 * (v + k3 * v * v * v)))
+    return v if not v < 0 else one - one            # relu (NaN passes through)
 
 
 @kernel
 def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h):
     """``h[m, j] = act(a[m, ga + j] + bg[j]) * (ua[m, uoff + j] + bu[j])`` (GLU) or
     ``act(a[m, ga + j] + bg[j])`` (plain), ``j < h.shape[1]``. Empty ``bg`` /
-    ``bu`` mean no bias.
+    ``bu`` mean no bias. ``code == 4`` is gpt-oss's clamped SwiGLU:
+    ``g = min(g, limit)``, ``u = clip(u, -limit, limit)``,
+    ``(u + 1) * g * sigmoid(alpha * g)``.
+
+    The arithmetic runs in the dtype of ``h`` (float32 math is half the cost
+    and a few ulp from the float64 oracle).
     """
     M, F = h.shape
+    T = h.dtype.type
+    one, half = T(1.0), T(0.5)
+    rs2, k1, k3 = T(0.7071067811865476), T(0.7978845608028654), T(0.044715)
+    lim, alp = T(limit), T(alpha)
     hasg = bg.shape[0] > 0
     hasu = bu.shape[0] > 0
     for m in range(M):
         for j in range(F):
-            g = np.float64(a[m, ga + j])
+            g = T(a[m, ga + j])
             if hasg:
                 g += bg[j]
-            if glu:
-                u = np.float64(ua[m, uoff + j])
-                if hasu:
-                    u += bu[j]
-                h[m, j] = _glu_value(g, u, code, limit, alpha)
+            if not glu:
+                h[m, j] = _act(g, code, one, half, rs2, k1, k3)
+                continue
+            u = T(ua[m, uoff + j])
+            if hasu:
+                u += bu[j]
+            if code == 4:
+                if g > lim:
+                    g = lim
+                if u > lim:
+                    u = lim
+                elif u < -lim:
+                    u = -lim
+                h[m, j] = (u + one) * g / (one + math.exp(-alp * g))
             else:
-                h[m, j] = _act(g, code)
+                h[m, j] = _act(g, code, one, half, rs2, k1, k3) * u
 
 
 @kernel
@@ -136,10 +140,12 @@ def stream_matmul(x, w, c0, c1, acc):
 
     For each group of four weight rows, every output element gets
     ``a0*w0 + a1*w1 + a2*w2 + a3*w3`` added: a fixed order over the inner
-    dimension, the same for every row of ``x`` and every column range, so a
-    row's result depends neither on the other rows nor on the split. One
-    row streams whole weight rows (sequential reads); several rows work in
-    column blocks that stay in L1 while every row uses them.
+    dimension. One row streams whole weight rows (sequential reads);
+    several rows work in column blocks of 512 that stay in L1, four (then
+    two, then one) rows of ``x`` at a time so that each loaded weight vector
+    feeds several accumulators. The per-element arithmetic is the same on
+    every path (checked by the tests), so a row's result depends neither on
+    the other rows nor on the column range.
     """
     M, K = x.shape
     n = c1 - c0
@@ -147,6 +153,8 @@ def stream_matmul(x, w, c0, c1, acc):
     for m in range(M):
         for j in range(n):
             acc[m, j] = 0.0
+    M4 = M - M % 4
+    M2 = M - M % 2
     k4 = K - K % 4
     for kk in range(0, k4, 4):
         for j0 in range(c0, c1, jb):
@@ -155,11 +163,32 @@ def stream_matmul(x, w, c0, c1, acc):
             w1 = w[kk + 1, j0:j1]
             w2 = w[kk + 2, j0:j1]
             w3 = w[kk + 3, j0:j1]
-            for m in range(M):
-                a0 = x[m, kk]
-                a1 = x[m, kk + 1]
-                a2 = x[m, kk + 2]
-                a3 = x[m, kk + 3]
+            for m in range(0, M4, 4):
+                a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
+                b0, b1, b2, b3 = x[m + 1, kk], x[m + 1, kk + 1], x[m + 1, kk + 2], x[m + 1, kk + 3]
+                c0_, c1_, c2, c3 = x[m + 2, kk], x[m + 2, kk + 1], x[m + 2, kk + 2], x[m + 2, kk + 3]
+                d0, d1, d2, d3 = x[m + 3, kk], x[m + 3, kk + 1], x[m + 3, kk + 2], x[m + 3, kk + 3]
+                am = acc[m, j0 - c0:j1 - c0]
+                bm = acc[m + 1, j0 - c0:j1 - c0]
+                cm = acc[m + 2, j0 - c0:j1 - c0]
+                dm = acc[m + 3, j0 - c0:j1 - c0]
+                for j in range(j1 - j0):
+                    v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+                    am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                    bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+                    cm[j] += c0_ * v0 + c1_ * v1 + c2 * v2 + c3 * v3
+                    dm[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
+            for m in range(M4, M2, 2):
+                a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
+                b0, b1, b2, b3 = x[m + 1, kk], x[m + 1, kk + 1], x[m + 1, kk + 2], x[m + 1, kk + 3]
+                am = acc[m, j0 - c0:j1 - c0]
+                bm = acc[m + 1, j0 - c0:j1 - c0]
+                for j in range(j1 - j0):
+                    v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+                    am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                    bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+            for m in range(M2, M):
+                a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
                 am = acc[m, j0 - c0:j1 - c0]
                 for j in range(j1 - j0):
                     am[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]

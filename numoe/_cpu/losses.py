@@ -14,20 +14,17 @@ import numpy as np
 from numba import prange
 
 from .._jit import driver, kernel
+from .routing import exp_shifted, row_status
 
 
 @kernel
-def logsumexp_row(z):
-    """``log(sum(exp(z)))`` in float64 (``z`` has a finite entry)."""
+def logsumexp_row(z, scratch):
+    """``log(sum(exp(z)))`` in float64 (``z`` has a finite entry; ``scratch`` float64 ``[E]``)."""
     m = -np.inf
     for e in range(z.shape[0]):
-        if z[e] > m:
-            m = z[e]
+        m = max(m, z[e])
     m = np.float64(m)
-    total = 0.0
-    for e in range(z.shape[0]):
-        total += math.exp(np.float64(z[e]) - m)
-    return m + math.log(total)
+    return m + math.log(exp_shifted(z, m, scratch))
 
 
 @driver
@@ -74,6 +71,7 @@ def z_loss_sums(logits, mask, chunk, sums, ntok, bad):
     T = logits.shape[0]
     n_chunks = sums.shape[0]
     for c in prange(n_chunks):
+        scratch = np.empty(logits.shape[1])
         s = 0.0
         n = 0
         nb = 0
@@ -81,18 +79,10 @@ def z_loss_sums(logits, mask, chunk, sums, ntok, bad):
             if not mask[t]:
                 continue
             z = logits[t]
-            ok = True
-            finite = False
-            for e in range(z.shape[0]):
-                v = z[e]
-                if not (v < np.inf):
-                    ok = False
-                elif v > -np.inf:
-                    finite = True
-            if not (ok and finite):
+            if row_status(z, True) != 0:        # NaN/+inf, or -inf everywhere
                 nb += 1
                 continue
-            x = logsumexp_row(z)
+            x = logsumexp_row(z, scratch)
             s += x * x
             n += 1
         sums[c] = s

@@ -19,10 +19,10 @@ Scores, weights and sums are computed in float64 whatever the input dtype.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .._jit import driver, kernel
 
@@ -48,13 +48,81 @@ def row_status(z, softmax):
     return 0                             # OK
 
 
+@intrinsic
+def _f64_bits(typingctx, x):
+    """The bits of a float64 as an int64 (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_f64(typingctx, x):
+    """An int64 bit pattern as a float64 (a bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@kernel
+def exp_neg(x):
+    """``exp(x)`` for float64 ``x <= 0`` (``-inf`` gives 0), within 1 ulp, branch-free.
+
+    Without SVML, Numba's ``math.exp`` is a scalar libm call; this inlines
+    and vectorises (about 3x faster measured here). Cody-Waite reduction
+    ``x = n ln2 + r``, ``|r| <= ln2/2``; Taylor polynomial to degree 13
+    (truncation < 1e-17); ``2**n`` built from exponent bits in two halves
+    so subnormal results come out right.
+    """
+    xc = max(x, -746.0)
+    t = xc * 1.4426950408889634 + 6755399441055744.0      # + 1.5 * 2**52 rounds n into the bits
+    n = t - 6755399441055744.0
+    r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
+    p = 1.0 + r * (1.0 + r * (0.5 + r * (1.6666666666666666e-01 + r * (
+        4.1666666666666664e-02 + r * (8.3333333333333332e-03 + r * (
+            1.3888888888888889e-03 + r * (1.9841269841269841e-04 + r * (
+                2.4801587301587302e-05 + r * (2.7557319223985893e-06 + r * (
+                    2.7557319223985888e-07 + r * (2.5052108385441720e-08 + r * (
+                        2.0876756987868100e-09 + r * 1.6059043836821613e-10))))))))))))
+    ni = _f64_bits(t) - 4843621399236968448                # n as an integer
+    n1 = ni >> 1
+    y = p * _bits_f64((n1 + 1023) << 52) * _bits_f64((ni - n1 + 1023) << 52)
+    return y if x >= -745.2 else 0.0
+
+
 @kernel
 def sigmoid(x):
-    """Logistic function of a float64, accurate on both tails (0 at -inf)."""
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    """Logistic function of a float64, accurate on both tails (0 at -inf), branch-free."""
+    e = exp_neg(-abs(x))
+    num = 1.0 if x >= 0.0 else e
+    # np.true_divide: no Python zero-division check, so loops over this vectorise
+    return np.true_divide(num, 1.0 + e)
+
+
+@kernel
+def sum4(a):
+    """Sum of a float64 vector with four interleaved accumulators (a fixed order)."""
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    i = 0
+    while i + 4 <= n:
+        s0 += a[i]
+        s1 += a[i + 1]
+        s2 += a[i + 2]
+        s3 += a[i + 3]
+        i += 4
+    while i < n:
+        s0 += a[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@kernel
+def exp_shifted(z, m, out):
+    """``out[e] = exp(z[e] - m)`` in float64 (``m`` >= every entry); returns their sum."""
+    for e in range(z.shape[0]):
+        out[e] = exp_neg(np.float64(z[e]) - m)
+    return sum4(out)
 
 
 @kernel
@@ -233,19 +301,13 @@ def topk_row(sel, k, top_i, cand_i, cand_v, buf, rank_max):
 
 @kernel
 def softmax_row(z, out):
-    """``out = softmax(z)`` in float64 (``z`` has at least one finite entry)."""
+    """``out = softmax(z)`` in float64 (``z`` has at least one finite entry; ``out`` float64)."""
     m = -np.inf
     for e in range(z.shape[0]):
-        if z[e] > m:
-            m = z[e]
-    m = np.float64(m)
-    total = 0.0
+        m = max(m, z[e])
+    total = exp_shifted(z, np.float64(m), out)
     for e in range(z.shape[0]):
-        x = math.exp(np.float64(z[e]) - m)
-        out[e] = x
-        total += x
-    for e in range(z.shape[0]):
-        out[e] = np.float64(out[e]) / total
+        out[e] = np.true_divide(out[e], total)      # (vectorises; see sigmoid)
 
 
 @kernel
@@ -313,6 +375,7 @@ def route_plain(logits, k, use_sigmoid, renormalize, scale, chunk, rank_max,
         cand_i = np.empty(E, dtype=np.int64)
         cand_v = np.empty(E, dtype=logits.dtype)
         buf = np.empty(max(16, k), dtype=logits.dtype)
+        row = np.empty(E)
         for t in range(c * chunk, min(T, (c + 1) * chunk)):
             z = logits[t]
             st = row_status(z, not use_sigmoid)
@@ -329,11 +392,9 @@ def route_plain(logits, k, use_sigmoid, renormalize, scale, chunk, rank_max,
             else:
                 m = top[0]                        # the row max: chosen first
                 for j in range(k):
-                    top[j] = math.exp(top[j] - m)
+                    top[j] = exp_neg(top[j] - m)
                 if not renormalize:
-                    total = 0.0
-                    for e in range(E):
-                        total += math.exp(np.float64(z[e]) - m)
+                    total = exp_shifted(z, m, row)
                     for j in range(k):
                         top[j] = top[j] / total
             write_weights(top, renormalize, scale, weights[t])
@@ -395,16 +456,22 @@ def route_general(logits, k, use_sigmoid, renormalize, bias, use_bias, n_groups,
 
 
 @driver
-def probs(logits, use_sigmoid, out, status):
-    """Full scores per row (softmax or sigmoid), float64 arithmetic, stored in ``out``'s dtype."""
+def probs(logits, use_sigmoid, chunk, out, status):
+    """Full scores per row (softmax or sigmoid) in float64, stored in ``out``'s dtype."""
     T, E = logits.shape
-    for t in prange(T):
-        z = logits[t]
-        st = row_status(z, not use_sigmoid)
-        status[t] = st
-        if st != 0:
-            continue
-        if use_sigmoid:
-            sigmoid_row(z, out[t])
-        else:
-            softmax_row(z, out[t])
+    n_chunks = (T + chunk - 1) // chunk
+    for c in prange(n_chunks):
+        s = np.empty(E)
+        for t in range(c * chunk, min(T, (c + 1) * chunk)):
+            z = logits[t]
+            st = row_status(z, not use_sigmoid)
+            status[t] = st
+            if st != 0:
+                continue
+            if use_sigmoid:
+                sigmoid_row(z, s)
+            else:
+                softmax_row(z, s)
+            o = out[t]
+            for e in range(E):
+                o[e] = s[e]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 
 import numpy as np
 
@@ -31,19 +32,35 @@ _pack_d = struct.Struct("<d")
 _unpack_q = struct.Struct("<q")
 
 
+def _perf_warning():
+    try:
+        from numba.cuda.core.errors import NumbaPerformanceWarning
+    except ImportError:  # pragma: no cover - older numba-cuda
+        from numba.core.errors import NumbaPerformanceWarning
+    return NumbaPerformanceWarning
+
+
+def _numba_launch(kernel, grid, block, shmem, args):
+    # Some of our launches are small on purpose (one-block scans, decode-sized
+    # problems): numba's low-occupancy warning says nothing useful about them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _perf_warning())
+        kernel[grid, block, 0, shmem](*args)
+
+
 def launch(kernel, grid, block, shmem, *args):
     """``kernel[grid, block, 0, shmem](*args)``, through the fast path when possible."""
     if not ENABLED:
-        kernel[grid, block, 0, shmem](*args)
+        _numba_launch(kernel, grid, block, shmem, args)
         return
     try:
         key = (id(kernel),) + tuple(_key(a) for a in args)
     except _Unsupported:
-        kernel[grid, block, 0, shmem](*args)
+        _numba_launch(kernel, grid, block, shmem, args)
         return
     ent = _ENTRIES.get(key, 0)
     if ent == 0:                              # first time: numba compiles and launches
-        kernel[grid, block, 0, shmem](*args)
+        _numba_launch(kernel, grid, block, shmem, args)
         try:
             ent = _Entry(kernel, args)
         except Exception:  # noqa: BLE001 - any surprise: keep the numba launch
@@ -51,7 +68,7 @@ def launch(kernel, grid, block, shmem, *args):
         _ENTRIES[key] = ent
         return
     if ent is None:
-        kernel[grid, block, 0, shmem](*args)
+        _numba_launch(kernel, grid, block, shmem, args)
         return
     ent.launch(grid, block, shmem, args)
 
