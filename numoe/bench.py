@@ -275,7 +275,8 @@ def hf_block(layer, family, dtype=np.float32):
         gate_up[..., 0::2], gate_up[..., 1::2] = layer.w_gate, layer.w_up
         bias = np.empty((E, 2 * F), dtype)
         bias[:, 0::2], bias[:, 1::2] = layer.b_gate, layer.b_up
-        ex.gate_up_proj, ex.gate_up_proj_bias = _param(torch, gate_up, dtype), _param(torch, bias, dtype)
+        ex.gate_up_proj = _param(torch, gate_up, dtype)
+        ex.gate_up_proj_bias = _param(torch, bias, dtype)
         ex.down_proj = _param(torch, layer.w_down, dtype)
         ex.down_proj_bias = _param(torch, layer.b_down, dtype)
     else:

@@ -23,7 +23,8 @@ def _run(capsys, *argv):
 def _table_lines(out):
     """The table of a bench printout: from the header row to the first blank line."""
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(("row", "E ", "shape", "cache")))
+    heads = ("row", "E ", "layer", "cache")
+    start = next(i for i, line in enumerate(lines) if line.startswith(heads))
     end = next(i for i in range(start, len(lines)) if not lines[i].strip())
     return [line for line in lines[start:end] if not line.startswith("  note:")]
 

@@ -78,14 +78,15 @@ SCRIPT = textwrap.dedent(r'''
         record(f"unpermute.{name}", numoe.unpermute(ys, plan, weights))
         record(f"unpermute64.{name}", numoe.unpermute(ys.astype(np.float64), plan, weights))
 
-    # the streaming-store drivers (used for outputs >= 32 MiB) on a small case
+    # every CPU driver variant on one case (streaming permute: outputs >= 32 MiB)
     from numoe._cpu import dispatch as cpu
     plan, k_ = plans["score"], experts.shape[1]
     xs = numoe.permute(x, plan)
     record("permute.stream", cpu.permute(x, plan.order, k_, np.empty_like(xs), mode="stream"))
     pos, _ = cpu.inverse_positions(plan.order, plan.dropped.reshape(-1))
-    record("unpermute.stream", cpu.unpermute(xs, pos, weights, k_,
-                                             np.empty((T, H), np.float32), mode="stream"))
+    for mode in ("serial", "parallel"):
+        record(f"unpermute.{mode}", cpu.unpermute(xs, pos, weights, k_,
+                                                  np.empty((T, H), np.float32), mode=mode))
 
     run("load_balancing_loss", lambda: numoe.load_balancing_loss(probs, experts))
     run("load_balancing_loss.mask", lambda: numoe.load_balancing_loss(

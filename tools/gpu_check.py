@@ -303,7 +303,10 @@ def main():
     print(f"numoe CUDA check on {A.device_name()}; numpy {np.__version__}")
     if "--explore" in sys.argv:
         CHECKS.append(_explore)
+    only = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--only=")]
     for c in CHECKS:
+        if only and not any(o in c.__name__ for o in only[0].split(",")):
+            continue
         t0 = time.perf_counter()
         c()
         print(f"   ({c.__name__}: {time.perf_counter() - t0:.1f} s)", flush=True)

@@ -30,7 +30,7 @@ def sigs():
         f64 = types.float64
         args = (arr(dt, 1), arr("int64", 1), i64, i64, arr(dt, 1), arr(dt, 1), i64, arr(dt, 1),
                 b, arr(dt, 1), b, i64, f64, f64, arr("int64", 1), arr(dt, 1), b, arr(dt, 1),
-                arr("int64", 2), i64)
+                arr("int64", 2), arr("int64", 1), i64)
         for glu in (False, True):
             nm = "glu" if glu else "plain"
             k, _, _ = X._tiled(dt, glu, *X._tiled_cfg(glu))

@@ -55,6 +55,7 @@ TASK_FLOPS = 2.0e9      # target FLOPs of one BLAS task (bounds its row block)
 MIN_TASK_ROWS = 64
 MAX_TASK_ROWS = 512
 MATMUL_ROWS = 256       # row block of the router-logits product
+SERIAL_COST = 4.0e6     # jobs (and products) cheaper than this skip the parallel region
 
 # task kinds
 BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
@@ -312,6 +313,18 @@ def _stage2_task(t, wd, bd, out, hsplit, te, ta, tb, tc0, tc1, tr0):
     stream_down(hsplit[tr0[t]:tr0[t] + b - a], wd[e], tc0[t], tc1[t], bd[e], out[a:b])
 
 
+@kernel
+def _run_slot(p, stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+              bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+    """The tasks of thread slot ``p`` in one stage, in order."""
+    for i in range(start[p], start[p + 1]):
+        if stage == 1:
+            _stage1_task(bins[i], src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
+                         code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+        else:
+            _stage2_task(bins[i], wd, bd, out, hsplit, te, ta, tb, tc0, tc1, tr0)
+
+
 @driver
 def _experts_driver(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
                     alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2,
@@ -322,23 +335,45 @@ def _experts_driver(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, c
     rows/columns (``out``, or ``hsplit`` rows ``tr0`` for gate/up chunks).
     Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]`` for none."""
     for p in prange(start1.shape[0] - 1):
-        for i in range(start1[p], start1[p + 1]):
-            _stage1_task(bins1[i], src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
-                         code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+        _run_slot(p, 1, bins1, start1, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
     for p in prange(start2.shape[0] - 1):
-        for i in range(start2[p], start2[p + 1]):
-            _stage2_task(bins2[i], wd, bd, out, hsplit, te, ta, tb, tc0, tc1, tr0)
+        _run_slot(p, 2, bins2, start2, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+
+
+@kernel
+def _experts_serial(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
+                    alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2,
+                    start2):
+    """:func:`_experts_driver` on the calling thread (tiny jobs: no parallel region)."""
+    for p in range(start1.shape[0] - 1):
+        _run_slot(p, 1, bins1, start1, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+    for p in range(start2.shape[0] - 1):
+        _run_slot(p, 2, bins2, start2, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+
+
+@kernel
+def _matmul_block(a, b, rows, i, out):
+    lo = i * rows
+    hi = min(a.shape[0], lo + rows)
+    np.dot(a[lo:hi], b, out[lo:hi])
 
 
 @driver
 def _matmul_driver(a, b, rows, out):
     """``out = a @ b`` in fixed row blocks, each one single-threaded BLAS call."""
-    T = a.shape[0]
-    nb = (T + rows - 1) // rows
-    for i in prange(nb):
-        lo = i * rows
-        hi = min(T, lo + rows)
-        np.dot(a[lo:hi], b, out[lo:hi])
+    for i in prange((a.shape[0] + rows - 1) // rows):
+        _matmul_block(a, b, rows, i, out)
+
+
+@kernel
+def _matmul_serial(a, b, rows, out):
+    """:func:`_matmul_driver` on the calling thread."""
+    for i in range((a.shape[0] + rows - 1) // rows):
+        _matmul_block(a, b, rows, i, out)
 
 
 @kernel
@@ -476,19 +511,20 @@ def _run_job(job, nthreads):
     costs = cols[7]
     stage1 = [i for i, kd in enumerate(cols[0]) if kd != SPLIT_DOWN]
     stage2 = [i for i, kd in enumerate(cols[0]) if kd == SPLIT_DOWN]
+    if sum(costs) < SERIAL_COST:
+        nthreads = 1
     bins1, start1 = _bins(stage1, costs, nthreads)
     bins2, start2 = _bins(stage2, costs, nthreads)
     split_rows = int(max((tr0[i] + tb[i] - ta[i] for i in stage2), default=0))
     hsplit = np.empty((split_rows, F), dtype=dt)
     none = np.zeros((E, 0), dtype=dt)
     gather = job.order is not None
-    _experts_driver(job.src, job.order if gather else np.empty(0, np.int64), job.k, gather,
-                    job.w1, job.w1 if job.w_up is None else job.w_up, job.fused, glu,
-                    job.w_down, none if job.b_gate is None else job.b_gate,
-                    none if job.b_up is None else job.b_up,
-                    none if job.b_down is None else job.b_down, job.code, job.limit,
-                    job.alpha, job.out, hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1,
-                    start1, bins2, start2)
+    run = _experts_serial if nthreads == 1 else _experts_driver
+    run(job.src, job.order if gather else np.empty(0, np.int64), job.k, gather, job.w1,
+        job.w1 if job.w_up is None else job.w_up, job.fused, glu, job.w_down,
+        none if job.b_gate is None else job.b_gate, none if job.b_up is None else job.b_up,
+        none if job.b_down is None else job.b_down, job.code, job.limit, job.alpha, job.out,
+        hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2, start2)
 
 
 def run_jobs(jobs):
@@ -511,8 +547,9 @@ def matmul(a, b, out=None):
     if out is None:
         out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     if a.shape[0]:
+        serial = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] < SERIAL_COST
         with _LOCK, _single_threaded_blas():
-            _matmul_driver(a, b, MATMUL_ROWS, out)
+            (_matmul_serial if serial else _matmul_driver)(a, b, MATMUL_ROWS, out)
     return out
 
 

@@ -233,11 +233,23 @@ def int_arg(name, a, *, ndim=None):
 
 
 def reshape(a, shape):
-    """Reshape a contiguous device array (handles empty arrays)."""
+    """Reshape a contiguous device array (handles empty arrays and size-1 dims with
+    odd strides, e.g. ``numpy_array[None]`` moved to the device)."""
     shape = tuple(int(s) for s in shape)
     if a.size == 0:
         return empty(shape, a.dtype)
-    return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
+    try:
+        return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
+    except NotImplementedError:
+        if SIM or not a.is_c_contiguous():
+            raise
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        strides, acc = [], a.dtype.itemsize
+        for n in reversed(shape):
+            strides.append(acc)
+            acc *= n
+        return DeviceNDArray(shape, tuple(reversed(strides)), a.dtype, gpu_data=a.gpu_data)
 
 
 def _launch_kernel(kernel, grid_, block_, shmem, *args):

@@ -55,6 +55,8 @@ def timeit(fn, repeat=None, budget=1.0, min_runs=5, max_runs=200):
 
 def copy_bandwidth(nbytes=2 << 30):
     """Device-to-device copy rate in bytes/s (read + write counted)."""
+    if A.SIM:
+        nbytes = 1 << 12
     n = nbytes // 4
     src = A.empty((n,), np.float32)
     A._fill[A.grid(n, 256), 256](src, 1.0)
@@ -67,6 +69,8 @@ def cublas_gflops(n=8192):
     """float32 GEMM rate of cuBLAS through PyTorch (TF32 off), GFLOP/s; None without torch."""
     try:
         import torch
+        if not torch.cuda.is_available():
+            return None
     except ImportError:
         return None
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -98,14 +102,15 @@ def run(shapes=None, *, dtype="float32", repeat=None, progress=None, rows=None, 
     if rows is None:
         rows = B.select_rows(shapes)
     dt = np.dtype(dtype).type
-    say(f"device: {A.device_name()}; measuring the cuBLAS float32 rate ...")
+    say(f"device: {A.device_name()}; measuring the cuBLAS float32 rate and copy bandwidth ...")
     peak = cublas_gflops()
+    bw = copy_bandwidth()
     hf_reason = B.hf_available() if hf else "not requested"
     out = []
     for i, row in enumerate(rows, 1):
         say(f"[{i}/{len(rows)}] {row.name}: T={row.T} E={row.E} k={row.k} H={row.H} "
             f"F={row.F} ...")
-        out.append(_row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm))
+        out.append(_row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm, bw))
         r = out[-1]
         say(f"    numoe {r['numoe_s'] * 1e3:.3f} ms ({r['gemm_path']}), err "
             f"{r['rel_err']:.1e}; HF grouped {_ms(r['hf_grouped_s'])}, eager "
@@ -117,7 +122,7 @@ def _ms(v):
     return "n/a" if v is None else f"{v * 1e3:.3f} ms"
 
 
-def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm):
+def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm, bw):
     from . import experts as X
     from . import moe
 
@@ -131,6 +136,10 @@ def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm):
     xd = cuda.to_device(x)
     t, n, y = timeit(lambda: moe.forward(dl, xd, gemm=gemm), repeat, budget)
     path = dict(X.last_path)
+    _, (_lg, _rt, plan) = moe.forward(dl, xd, gemm=gemm, return_parts=True)
+    touched = int((plan.counts.copy_to_host() > 0).sum())
+    wbytes = touched * B.expert_bytes(layer)
+    floor = wbytes / bw
     flops = B.layer_flops(layer, row.T)
     res = dict(name=row.name, preset=row.preset, T=row.T, E=row.E, k=row.k, H=row.H,
                F=row.F, dtype=np.dtype(dt).name, device=A.device_name(),
@@ -139,8 +148,17 @@ def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm):
                pct_blas=None if peak is None else 100.0 * flops / t / 1e9 / peak,
                blas_gflops=peak, ref_s=t_ref, layer_s=None, layer_err=None,
                gemm_path=f"{path.get('up', '?')}/{path.get('gemm', '?')}",
-               hf_eager_s=None, hf_grouped_s=None, hf_err=None, speedup=None, notes=[])
+               hf_eager_s=None, hf_grouped_s=None, hf_err=None, speedup=None, notes=[],
+               touched_experts=touched, weight_bytes=wbytes, floor_s=floor,
+               copy_GBps=bw / 1e9, numba_gemm_s=None)
     res["notes"].append("ref ms: the float64 NumPy reference on the host CPU, one call")
+    res["notes"].append(f"expert GEMMs: {res['gemm_path']}; touched experts {touched}, "
+                        f"weights read once at copy bandwidth ({bw / 1e9:.0f} GB/s): "
+                        f"{floor * 1e3:.3f} ms = floor; numoe/floor {t / floor:.2f}x")
+    if path.get("gemm") == "cublas" and "cublas" in path.get("up", ""):
+        tn, _, _ = timeit(lambda: moe.forward(dl, xd, gemm="numba"), repeat, budget)
+        res["numba_gemm_s"] = tn
+        res["notes"].append(f"numba-only expert GEMMs: {tn * 1e3:.3f} ms")
     try:
         tl, _, yl = timeit(lambda: dl(xd), repeat, budget)
         res["layer_s"] = tl
