@@ -231,6 +231,11 @@ def permute(x, plan, *, out=None):
         ``xs[i] = x[plan.order[i] // k]``; rows ``offsets[e]:offsets[e+1]``
         belong to expert ``e``.
 
+    Notes
+    -----
+    Parallel over output rows (row copies). Outputs of 32 MiB and more are
+    written with non-temporal stores, since they cannot stay in cache.
+
     Examples
     --------
     >>> import numpy as np, numoe

@@ -300,9 +300,10 @@ def test_matmul_and_fused_layer():
     close(gemm.matmul(dev(a), dev(b)), a.astype(np.float64) @ b, np.float32)
     with pytest.raises(TypeError):
         gemm.matmul(dev(a), dev(b.astype(np.float64)))
-    for preset, kw in [("mixtral", {}), ("qwen2_moe", dict(num_shared_experts=1,
-                                                          shared_expert_dim=8)),
-                       ("switch", dict(capacity_factor=1.0))]:
+    presets = [("mixtral", {}),
+               ("qwen2_moe", dict(num_shared_experts=1, shared_expert_dim=8)),
+               ("switch", dict(capacity_factor=1.0))]
+    for preset, kw in presets:
         k = 1 if preset == "switch" else 2
         cfg = getattr(numoe.MoEConfig, preset)(num_experts=8, top_k=k, hidden_dim=16,
                                                expert_dim=12, **kw)

@@ -35,14 +35,24 @@ def main():
         rr = B.run_routing(T=a.routing_T, progress=say, budget=a.budget)
         res["routing"] = rr
         print(B.format_routing(rr))
-    lr = B.run(rows=rows, progress=say, budget=a.budget, gemm=a.gemm)
-    res["layers"] = lr
+    out = os.path.join(os.environ.get("OUT", "."), "bench.json")
+    peak, bw = B.cublas_gflops(), B.copy_bandwidth()
+    lr = []
+    for row in rows:                       # one row at a time: partial results survive
+        try:
+            lr += B.run(rows=[row], progress=say, budget=a.budget, gemm=a.gemm, peak=peak,
+                        bw=bw)
+        except Exception as exc:  # noqa: BLE001
+            say(f"row {row.name} failed: {type(exc).__name__}: {exc}")
+        res["layers"] = lr
+        with open(out, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
     print(CPU.format_table(lr, "layers"))
     for r in lr:
         lay = "n/a" if r["layer_s"] is None else "%.3f ms" % (r["layer_s"] * 1e3)
         print(f"{r['name']}: fused {r['fused_s'] * 1e3:.3f} ms, public-op layer {lay}, "
               f"gemm {r['gemm_path']}, device {r['device']}")
-    with open(os.path.join(os.environ.get("OUT", "."), "bench.json"), "w") as fh:
+    with open(out, "w") as fh:
         json.dump(res, fh, indent=1, default=str)
 
 

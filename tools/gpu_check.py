@@ -242,8 +242,8 @@ def _losses():
     plan = CD.dispatch_plan(d(ex), E, capacity=8000)
     st = CL.routing_stats(d(ex), E, weights=d(w), plan=plan)
     ref = R.routing_stats(ex, E, weights=w, plan=numoe.dispatch_plan(ex, E, capacity=8000))
-    ok = all(abs(st[key] - ref[key]) < 1e-9 for key in ("cv", "max_over_mean", "balancedness",
-                                                         "drop_rate"))
+    keys = ("cv", "max_over_mean", "balancedness", "drop_rate")
+    ok = all(abs(st[key] - ref[key]) < 1e-9 for key in keys)
     ok = ok and st["dead_experts"] == ref["dead_experts"]
     ok = ok and rel(h(st["weight_mass"]), ref["weight_mass"]) < 1e-12
     record("routing_stats", ok)

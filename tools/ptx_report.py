@@ -63,8 +63,8 @@ def main():
             open(f"/tmp/{name}.ptx", "w").write(ptx)
             r = subprocess.run(["ptxas", "-arch=sm_90", "-v", p, "-o", os.path.join(d, "k.o")],
                                capture_output=True, text=True)
-        info = " ".join(l.split("info    : ")[-1] for l in r.stderr.splitlines()
-                        if "Used" in l or "spill" in l)
+        info = " ".join(ln.split("info    : ")[-1] for ln in r.stderr.splitlines()
+                        if "Used" in ln or "spill" in ln)
         nfma = len(re.findall(r"\bfma\.rn\.f(32|64)", ptx))
         lds = len(re.findall(r"ld\.shared\.f(32|64)", ptx))
         ldsv = len(re.findall(r"ld\.shared\.v[24]", ptx))

@@ -210,15 +210,28 @@ def _drop_slot(order, lo, hi, k, cap, dropped):
 
 @kernel
 def _drop_score(order, lo, hi, cap, w, dropped):
-    """Keep the ``cap`` highest weights of one expert's segment (ties: lower flat id)."""
+    """Keep the ``cap`` highest weights of one expert's segment (ties: lower flat id).
+
+    Linear time: find the ``cap``-th largest weight, keep everything above
+    it, and of the entries equal to it the first ones in segment order (the
+    segment is in ascending flat id).
+    """
     n = hi - lo
     key = np.empty(n, np.float64)
     for r in range(n):
         key[r] = -np.float64(w[order[lo + r]])
-    # the segment is in ascending flat id, and mergesort is stable
-    rank = np.argsort(key, kind="mergesort")
-    for r in range(cap, n):
-        dropped[order[lo + rank[r]]] = True
+    cut = np.partition(key, cap - 1)[cap - 1]
+    quota = cap
+    for r in range(n):
+        if key[r] < cut:
+            quota -= 1
+    for r in range(n):
+        if key[r] > cut:
+            dropped[order[lo + r]] = True
+        elif key[r] == cut:
+            if quota <= 0:
+                dropped[order[lo + r]] = True
+            quota -= 1
 
 
 @kernel

@@ -76,9 +76,9 @@ def _act(v, code, one, half, rs2, k1, k3):
 
 
 @kernel
-def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h):
-    """``h[m, j] = act(a[m, ga + j] + bg[j]) * (ua[m, uoff + j] + bu[j])`` (GLU) or
-    ``act(a[m, ga + j] + bg[j])`` (plain), ``j < h.shape[1]``. Empty ``bg`` /
+def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h, h0, n):
+    """``h[m, h0 + j] = act(a[m, ga + j] + bg[j]) * (ua[m, uoff + j] + bu[j])`` (GLU)
+    or ``act(a[m, ga + j] + bg[j])`` (plain), for ``j < n``. Empty ``bg`` /
     ``bu`` mean no bias. ``code == 4`` is gpt-oss's clamped SwiGLU:
     ``g = min(g, limit)``, ``u = clip(u, -limit, limit)``,
     ``(u + 1) * g * sigmoid(alpha * g)``.
@@ -86,7 +86,7 @@ def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h):
     The arithmetic runs in the dtype of ``h`` (float32 math is half the cost
     and a few ulp from the float64 oracle).
     """
-    M, F = h.shape
+    M = h.shape[0]
     T = h.dtype.type
     one, half = T(1.0), T(0.5)
     rs2, k1, k3 = T(0.7071067811865476), T(0.7978845608028654), T(0.044715)
@@ -94,12 +94,12 @@ def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h):
     hasg = bg.shape[0] > 0
     hasu = bu.shape[0] > 0
     for m in range(M):
-        for j in range(F):
+        for j in range(n):
             g = T(a[m, ga + j])
             if hasg:
                 g += bg[j]
             if not glu:
-                h[m, j] = _act(g, code, one, half, rs2, k1, k3)
+                h[m, h0 + j] = _act(g, code, one, half, rs2, k1, k3)
                 continue
             u = T(ua[m, uoff + j])
             if hasu:
@@ -111,9 +111,9 @@ def glu_rows(a, ga, ua, uoff, glu, bg, bu, code, limit, alpha, h):
                     u = lim
                 elif u < -lim:
                     u = -lim
-                h[m, j] = (u + one) * g / (one + math.exp(-alp * g))
+                h[m, h0 + j] = (u + one) * g / (one + math.exp(-alp * g))
             else:
-                h[m, j] = _act(g, code, one, half, rs2, k1, k3) * u
+                h[m, h0 + j] = _act(g, code, one, half, rs2, k1, k3) * u
 
 
 @kernel
@@ -215,11 +215,10 @@ def stream_glu(x, w1, wu, fused, glu, F, c0, c1, bg, bu, code, limit, alpha, h):
     n = c1 - c0
     bgc = bg[c0:c1] if bg.shape[0] > 0 else bg
     buc = bu[c0:c1] if bu.shape[0] > 0 else bu
-    hv = h[:, c0:c1]
     if fused and c0 == 0 and c1 == F:
         acc = np.empty((M, 2 * F), dtype=h.dtype)
         stream_matmul(x, w1, 0, 2 * F, acc)
-        glu_rows(acc, 0, acc, F, glu, bgc, buc, code, limit, alpha, hv)
+        glu_rows(acc, 0, acc, F, glu, bgc, buc, code, limit, alpha, h, 0, F)
         return
     accg = np.empty((M, n), dtype=h.dtype)
     stream_matmul(x, w1, c0, c1, accg)
@@ -230,7 +229,7 @@ def stream_glu(x, w1, wu, fused, glu, F, c0, c1, bg, bu, code, limit, alpha, h):
             stream_matmul(x, w1, F + c0, F + c1, accu)
         else:
             stream_matmul(x, wu, c0, c1, accu)
-    glu_rows(accg, 0, accu, 0, glu, bgc, buc, code, limit, alpha, hv)
+    glu_rows(accg, 0, accu, 0, glu, bgc, buc, code, limit, alpha, h, c0, n)
 
 
 @kernel
@@ -268,7 +267,7 @@ def _blas_task(xe, e, w1, wu, fused, glu, wd, bge, bue, bde, code, limit, alpha,
     if fused:
         gu = np.empty((m, 2 * F), dtype=out.dtype)
         np.dot(xe, w1[e], gu)
-        glu_rows(gu, 0, gu, F, glu, bge, bue, code, limit, alpha, h)
+        glu_rows(gu, 0, gu, F, glu, bge, bue, code, limit, alpha, h, 0, F)
     else:
         g = np.empty((m, F), dtype=out.dtype)
         np.dot(xe, w1[e], g)
@@ -276,7 +275,7 @@ def _blas_task(xe, e, w1, wu, fused, glu, wd, bge, bue, bde, code, limit, alpha,
         if glu:
             u = np.empty((m, F), dtype=out.dtype)
             np.dot(xe, wu[e], u)
-        glu_rows(g, 0, u, 0, glu, bge, bue, code, limit, alpha, h)
+        glu_rows(g, 0, u, 0, glu, bge, bue, code, limit, alpha, h, 0, F)
     np.dot(h, wd[e], out)
     if bde.shape[0] > 0:
         add_row_bias(out, bde)
@@ -326,32 +325,15 @@ def _run_slot(p, stage, bins, start, src, order, k, gather, w1, wu, fused, glu, 
 
 
 @driver
-def _experts_driver(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
-                    alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2,
-                    start2):
-    """Run one job's tasks: stage 1 (BLAS, streaming, gate/up column chunks),
-    then stage 2 (down column chunks). ``binsN[startN[p]:startN[p+1]]`` are
-    the tasks of thread slot ``p``; every task writes only its own output
-    rows/columns (``out``, or ``hsplit`` rows ``tr0`` for gate/up chunks).
-    Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]`` for none."""
-    for p in prange(start1.shape[0] - 1):
-        _run_slot(p, 1, bins1, start1, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-    for p in prange(start2.shape[0] - 1):
-        _run_slot(p, 2, bins2, start2, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-
-
-@kernel
-def _experts_serial(src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
-                    alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2,
-                    start2):
-    """:func:`_experts_driver` on the calling thread (tiny jobs: no parallel region)."""
-    for p in range(start1.shape[0] - 1):
-        _run_slot(p, 1, bins1, start1, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-    for p in range(start2.shape[0] - 1):
-        _run_slot(p, 2, bins2, start2, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+def _experts_driver(stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
+                    bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+    """Run one stage of a job's tasks: thread slot ``p`` runs
+    ``bins[start[p]:start[p+1]]`` in order (stage 1: BLAS, streaming and
+    gate/up column chunks; stage 2: down column chunks). Every task writes
+    only its own output rows/columns (``out``, or ``hsplit`` rows ``tr0`` for
+    gate/up chunks). Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]``."""
+    for p in prange(start.shape[0] - 1):
+        _run_slot(p, stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
                   bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
 
 
@@ -366,13 +348,6 @@ def _matmul_block(a, b, rows, i, out):
 def _matmul_driver(a, b, rows, out):
     """``out = a @ b`` in fixed row blocks, each one single-threaded BLAS call."""
     for i in prange((a.shape[0] + rows - 1) // rows):
-        _matmul_block(a, b, rows, i, out)
-
-
-@kernel
-def _matmul_serial(a, b, rows, out):
-    """:func:`_matmul_driver` on the calling thread."""
-    for i in range((a.shape[0] + rows - 1) // rows):
         _matmul_block(a, b, rows, i, out)
 
 
@@ -519,12 +494,18 @@ def _run_job(job, nthreads):
     hsplit = np.empty((split_rows, F), dtype=dt)
     none = np.zeros((E, 0), dtype=dt)
     gather = job.order is not None
-    run = _experts_serial if nthreads == 1 else _experts_driver
-    run(job.src, job.order if gather else np.empty(0, np.int64), job.k, gather, job.w1,
-        job.w1 if job.w_up is None else job.w_up, job.fused, glu, job.w_down,
-        none if job.b_gate is None else job.b_gate, none if job.b_up is None else job.b_up,
-        none if job.b_down is None else job.b_down, job.code, job.limit, job.alpha, job.out,
-        hsplit, kind, te, ta, tb, tc0, tc1, tr0, bins1, start1, bins2, start2)
+    args = (job.src, job.order if gather else np.empty(0, np.int32), job.k, gather, job.w1,
+            job.w1 if job.w_up is None else job.w_up, job.fused, glu, job.w_down,
+            none if job.b_gate is None else job.b_gate, none if job.b_up is None else job.b_up,
+            none if job.b_down is None else job.b_down, job.code, job.limit, job.alpha,
+            job.out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+    for stage, bins, start in ((1, bins1, start1), (2, bins2, start2)):
+        if start[-1] == 0:
+            continue
+        if nthreads == 1:      # no parallel region: the one slot on this thread
+            _run_slot(0, stage, bins, start, *args)
+        else:
+            _experts_driver(stage, bins, start, *args)
 
 
 def run_jobs(jobs):
@@ -549,7 +530,11 @@ def matmul(a, b, out=None):
     if a.shape[0]:
         serial = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] < SERIAL_COST
         with _LOCK, _single_threaded_blas():
-            (_matmul_serial if serial else _matmul_driver)(a, b, MATMUL_ROWS, out)
+            if serial:
+                for i in range(-(-a.shape[0] // MATMUL_ROWS)):
+                    _matmul_block(a, b, MATMUL_ROWS, i, out)
+            else:
+                _matmul_driver(a, b, MATMUL_ROWS, out)
     return out
 
 

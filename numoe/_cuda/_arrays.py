@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numba
 import numpy as np
@@ -88,9 +89,47 @@ def block(threads):
 
 
 # ------------------------------------------------------------- allocation
+# numba allocates every device array with cuMemAlloc and frees in batches with
+# cuMemFree (which synchronises the device): for a forward pass made of many
+# small kernels that costs more than the kernels. When CuPy is installed, device
+# arrays are carved from CuPy's caching memory pool instead (the numba array
+# holds the CuPy array as its owner); NUMOE_CUDA_ALLOC=numba turns this off.
+_ALLOC = os.environ.get("NUMOE_CUDA_ALLOC", "cupy")
+_cupy = None
+
+
+def _cupy_module():
+    global _cupy, _ALLOC
+    if _cupy is None:
+        try:
+            import cupy
+            _cupy = cupy
+        except ImportError:
+            _ALLOC = "numba"
+    return _cupy
+
+
 def empty(shape, dtype):
     """An uninitialised C-contiguous device array."""
-    return cuda.device_array(tuple(int(s) for s in shape), dtype=np.dtype(dtype))
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
+        return cuda.device_array(shape, dtype=dtype)
+    arr = _cupy.empty(shape, dtype=dtype)
+    desc = arr.__cuda_array_interface__
+    return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
+
+
+_DUMMIES: dict = {}
+
+
+def dummy(dtype, ndim=1):
+    """A cached one-element array standing in for an absent optional argument
+    (kernels never read it when its flag is off, and never write it)."""
+    key = (np.dtype(dtype), ndim)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = cuda.device_array((1,) * ndim, dtype=key[0])
+    return _DUMMIES[key]
 
 
 def full(shape, dtype, value):
@@ -117,6 +156,11 @@ def contiguous(a):
     """``a`` if C-contiguous, else a C-contiguous device copy (same dtype)."""
     if a.is_c_contiguous():
         return a
+    if not SIM and a.size and _c_memory(a):      # only size-1 dims have odd strides
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        return DeviceNDArray(tuple(a.shape), _c_strides(tuple(a.shape), a.dtype.itemsize),
+                             a.dtype, gpu_data=a.gpu_data)
     if a.size == 0:
         return empty(a.shape, a.dtype)
     return _copy_strided(a, a.dtype)
@@ -241,15 +285,30 @@ def reshape(a, shape):
     try:
         return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
     except NotImplementedError:
-        if SIM or not a.is_c_contiguous():
+        if SIM or not _c_memory(a):
             raise
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
-        strides, acc = [], a.dtype.itemsize
-        for n in reversed(shape):
-            strides.append(acc)
-            acc *= n
-        return DeviceNDArray(shape, tuple(reversed(strides)), a.dtype, gpu_data=a.gpu_data)
+        return DeviceNDArray(shape, _c_strides(shape, a.dtype.itemsize), a.dtype,
+                             gpu_data=a.gpu_data)
+
+
+def _c_strides(shape, itemsize):
+    strides, acc = [], itemsize
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
+
+
+def _c_memory(a):
+    """C-contiguous memory, ignoring the strides of size-1 dims (``x[None]`` has 0 there)."""
+    acc = a.dtype.itemsize
+    for n, st in zip(reversed(tuple(a.shape)), reversed(tuple(a.strides))):
+        if n != 1 and st != acc:
+            return False
+        acc *= n
+    return True
 
 
 def _launch_kernel(kernel, grid_, block_, shmem, *args):

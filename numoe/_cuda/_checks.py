@@ -136,8 +136,8 @@ def _launch_plan_checks(order, offsets, counts, dropped, capacity, out):
     if n:
         launch(_range_count_kernel, A.grid(n, bs, 8), bs, bs * 8, order, m, out[0:1])
     E = counts.shape[0]
-    launch(_offsets_kernel, 1, bs, bs * 8, offsets, counts, n, E, -1 if capacity is None else capacity,
-                           out[1:3])
+    cap = -1 if capacity is None else capacity
+    launch(_offsets_kernel, 1, bs, bs * 8, offsets, counts, n, E, cap, out[1:3])
     if m:
         flat = _flat(dropped)
         launch(_true_count_kernel, A.grid(m, bs, 8), bs, bs * 8, flat, out[3:4])

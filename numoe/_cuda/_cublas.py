@@ -37,8 +37,8 @@ def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
         D.gather_rows(a, gidx, kdiv, xs)
     else:
         xs = a
-    dummy = A.empty((1,), dt)
-    didx = A.empty((1,), np.int64)
+    dummy = A.dummy(dt)
+    didx = A.dummy(np.int64)
     counts = np.diff(off_h)
     big = [e for e in range(E) if counts[e] > work.max_small]
     small = any(0 < c <= work.max_small for c in counts)
@@ -69,15 +69,15 @@ def run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit, alpha, out,
         gd = A.as_device("g", g)
         ud = A.as_device("u", u) if glu else gd
         launch(_act_epilogue, min(cap_b, 65535), bs, 0, gd, ud, glu,
-               bg if bg is not None else A.empty((1, 1), dt), bg is not None,
-               bu if bu is not None else A.empty((1, 1), dt), bu is not None, code, limit,
+               bg if bg is not None else A.dummy(dt, 2), bg is not None,
+               bu if bu is not None else A.dummy(dt, 2), bu is not None, code, limit,
                alpha, hbuf, tb, cnt, 1)
         for e in big:
             lo, hi = int(off_h[e]), int(off_h[e + 1])
             cp.matmul(ch[lo:hi], cwd[e], out=cout[lo:hi])
         if bd is not None or sidx is not None:
             launch(_down_epilogue, min(cap_b, 65535), bs, 0, out,
-                   bd if bd is not None else A.empty((1, 1), dt), bd is not None,
+                   bd if bd is not None else A.dummy(dt, 2), bd is not None,
                    sidx if sidx is not None else didx, sval if sval is not None else dummy,
                    sidx is not None, tb, cnt, 1)
     parts = (["cublas"] if big else []) + (["skinny"] if small else [])

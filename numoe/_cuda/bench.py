@@ -87,7 +87,7 @@ def rel_err(y, ref):
 
 # ------------------------------------------------------------- layer table
 def run(shapes=None, *, dtype="float32", repeat=None, progress=None, rows=None, budget=1.0,
-        hf=True, gemm=None):
+        hf=True, gemm=None, peak=None, bw=None):
     """The layer table on the GPU (rows of ``numoe.bench.ROWS`` by name, or ``rows``).
 
     Returns a list of dicts with the keys of the CPU layer table plus
@@ -103,8 +103,8 @@ def run(shapes=None, *, dtype="float32", repeat=None, progress=None, rows=None, 
         rows = B.select_rows(shapes)
     dt = np.dtype(dtype).type
     say(f"device: {A.device_name()}; measuring the cuBLAS float32 rate and copy bandwidth ...")
-    peak = cublas_gflops()
-    bw = copy_bandwidth()
+    peak = cublas_gflops() if peak is None else peak
+    bw = copy_bandwidth() if bw is None else bw
     hf_reason = B.hf_available() if hf else "not requested"
     out = []
     for i, row in enumerate(rows, 1):

@@ -291,8 +291,8 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     hbuf = A.empty((N, F), dt)
     mode = "numba" if force else _gemm_mode(gemm)     # forcing a kernel family: numba
     work = _Work(off, N, force)
-    dummy = A.empty((1,), dt)         # stand-ins of the right types for absent arrays
-    didx = A.empty((1,), np.int64)
+    dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
+    didx = A.dummy(np.int64)
     g_idx = gidx if gidx is not None else didx
     s_idx = sidx if sidx is not None else didx
     s_val = sval if sval is not None else dummy
@@ -327,7 +327,7 @@ def grouped_glu(a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alph
                 only=None):
     """``h[r] = glu(a_r @ wg[e] + bg[e], a_r @ wu[e] + bu[e])`` over the work's tiles."""
     _launch(True, a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha,
-            gidx, A.empty((1,), a.dtype), False, h, work, only)
+            gidx, A.dummy(a.dtype), False, h, work, only)
 
 
 def grouped_plain(a, gidx, kdiv, w, b, use_b, code, alpha, sidx, sval, use_scale, out, work,
@@ -463,48 +463,48 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
             r0 = U(tiles[t, 1])
             rend = U(tiles[t, 2])
             wbase = e * uK * uNO + col
-            for l in range(LA):
-                r = r0 + amm + U(l) * uSA
+            for q in range(LA):
+                r = r0 + amm + U(q) * uSA
                 if r < rend:
                     if kdiv > 0:
-                        arow[l] = (U(gidx[r]) // U(kdiv)) * uK
+                        arow[q] = (U(gidx[r]) // U(kdiv)) * uK
                     else:
-                        arow[l] = r * uK
+                        arow[q] = r * uK
                 else:
-                    arow[l] = _SENT
+                    arow[q] = _SENT
             for i in range(TM):
                 for j in range(TN):
                     acc1[i, j] = zero
                     acc2[i, j] = zero
-            for l in range(LA):       # prologue: k-slice 0 into registers
-                ra[l] = a[arow[l] + akk] if (arow[l] != _SENT and akk < uK) else zero
-            for l in range(LB):
-                kq = bkk + U(l) * uSB
+            for q in range(LA):       # prologue: k-slice 0 into registers
+                ra[q] = a[arow[q] + akk] if (arow[q] != _SENT and akk < uK) else zero
+            for q in range(LB):
+                kq = bkk + U(q) * uSB
                 ok = col_ok and kq < uK
-                r1b[l] = w1[wbase + kq * uNO] if ok else zero
+                r1b[q] = w1[wbase + kq * uNO] if ok else zero
                 if glu:
-                    r2b[l] = w2[wbase + kq * uNO] if ok else zero
+                    r2b[q] = w2[wbase + kq * uNO] if ok else zero
             for kt in range(nk):
                 base = (U(kt) % U(2)) * uSTAGE
-                for l in range(LA):
-                    sm[base + akk * uLDA + amm + U(l) * uSA] = ra[l]
-                for l in range(LB):
-                    o = base + uASZ + (bkk + U(l) * uSB) * uBN + bnn
-                    sm[o] = r1b[l]
+                for q in range(LA):
+                    sm[base + akk * uLDA + amm + U(q) * uSA] = ra[q]
+                for q in range(LB):
+                    o = base + uASZ + (bkk + U(q) * uSB) * uBN + bnn
+                    sm[o] = r1b[q]
                     if glu:
-                        sm[o + uBSZ] = r2b[l]
+                        sm[o + uBSZ] = r2b[q]
                 cuda.syncthreads()
                 if U(kt) + U(1) < nk:   # next slice's global loads overlap the maths
                     k0 = (U(kt) + U(1)) * uBK
-                    for l in range(LA):
+                    for q in range(LA):
                         kq = k0 + akk
-                        ra[l] = a[arow[l] + kq] if (arow[l] != _SENT and kq < uK) else zero
-                    for l in range(LB):
-                        kq = k0 + bkk + U(l) * uSB
+                        ra[q] = a[arow[q] + kq] if (arow[q] != _SENT and kq < uK) else zero
+                    for q in range(LB):
+                        kq = k0 + bkk + U(q) * uSB
                         ok = col_ok and kq < uK
-                        r1b[l] = w1[wbase + kq * uNO] if ok else zero
+                        r1b[q] = w1[wbase + kq * uNO] if ok else zero
                         if glu:
-                            r2b[l] = w2[wbase + kq * uNO] if ok else zero
+                            r2b[q] = w2[wbase + kq * uNO] if ok else zero
                 for kk in range(BK):
                     ab = base + U(kk) * uLDA + ty
                     bb = base + uASZ + U(kk) * uBN + tx

@@ -59,12 +59,13 @@ def matmul(a, b, out=None):
         res = A.reshape(res, shape)
     if M and N:
         if K == 0:
-            launch(A._fill, A.grid(M * N, A.block(256)), A.block(256), 0, A.reshape(res, (M * N,)), 0)
+            bs = A.block(256)
+            launch(A._fill, A.grid(M * N, bs), bs, 0, A.reshape(res, (M * N,)), 0)
         else:
             work = X._Work(_range_offsets(M), M)
             w3 = A.reshape(bd, (1, K, N))
-            dummy = A.empty((1,), a2.dtype)
-            didx = A.empty((1,), np.int64)
-            X.grouped_plain(a2, didx, 0, w3, A.empty((1, 1), a2.dtype), False, X.ACT_NONE,
+            dummy = A.dummy(a2.dtype)
+            didx = A.dummy(np.int64)
+            X.grouped_plain(a2, didx, 0, w3, dummy, False, X.ACT_NONE,
                             0.0, didx, dummy, False, res, work)
     return A.reshape(res, lead + (N,))

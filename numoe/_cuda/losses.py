@@ -54,7 +54,7 @@ def _hist(flat, E, mask_rows=None, k=1):
     if n:
         bs = A.block(256)
         use_mask = mask_rows is not None
-        mrows = mask_rows if use_mask else A.empty((1,), np.bool_)
+        mrows = mask_rows if use_mask else A.dummy(np.bool_)
         if E * 8 <= 48 * 1024:
             launch(_hist_shared, A.grid(n, bs, 4), bs, E * 8, flat, E, mrows, use_mask, k, counts)
         else:
@@ -68,9 +68,10 @@ def _column_sums(a, mask):
     nchunks = max(1, -(-T // _CHUNK))
     part = A.empty((nchunks, E), np.float64)
     use_mask = mask is not None
-    m = mask if use_mask else A.empty((1,), np.bool_)
+    m = mask if use_mask else A.dummy(np.bool_)
     bs = A.block(128)
-    launch(_colsum_partial, A.grid(nchunks * max(E, 1), bs, 16), bs, 0, a, m, use_mask, _CHUNK, part)
+    launch(_colsum_partial, A.grid(nchunks * max(E, 1), bs, 16), bs, 0, a, m, use_mask, _CHUNK,
+           part)
     out = A.empty((E,), np.float64)
     launch(_colsum_final, A.grid(E, bs), bs, 0, part, out)
     return out
@@ -129,10 +130,10 @@ def router_z_loss(logits, *, mask=None):
     nchunks = -(-T // _CHUNK)
     part = A.empty((nchunks, 2), np.float64)
     use_mask = m is not None
-    mm = m if use_mask else A.empty((1,), np.bool_)
+    mm = m if use_mask else A.dummy(np.bool_)
     bs = A.block(256)
     launch(_zloss_partial, A.grid(nchunks * bs, bs, 16), bs, bs * 16, z, mm, use_mask, _CHUNK,
-                                                                 part)
+           part)
     host = part.copy_to_host()
     total, n = 0.0, 0.0
     for c in range(nchunks):          # fixed order

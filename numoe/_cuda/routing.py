@@ -123,10 +123,10 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
         shmem = bs * (E + 1) * z.dtype.itemsize if staged else 0
         nt = -(-T // bs)
         g = A.grid(nt * bs, bs, 4)
-        bias_arr = b if b is not None else A.zeros((E,), np.float64)
+        bias_arr = b if b is not None else A.dummy(np.float64)
         launch(kern, g, bs, shmem, z, bias_arr, b is not None, opt.sigmoid, opt.renormalize,
-                              opt.n_groups, opt.topk_groups, opt.group_max, opt.grouped,
-               opt.scale, weights, experts, res)
+               opt.n_groups, opt.topk_groups, opt.group_max, opt.grouped, opt.scale, weights,
+               experts, res)
     return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,))), res
 
 
