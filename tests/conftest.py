@@ -4,9 +4,15 @@ Profiles (``NUMOE_HYPOTHESIS_PROFILE``):
   ci       -- deterministic, small example counts (default)
   nightly  -- random, many examples
 """
+import ctypes.util
 import os
 
-import numpy as np
+# Without an NVIDIA driver, run the CUDA backend's tests under numba's CUDA
+# simulator (tiny sizes). This must happen before numba is first imported.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not ctypes.util.find_library("cuda"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
 
