@@ -8,9 +8,13 @@ import ctypes.util
 import os
 
 # Without an NVIDIA driver, run the CUDA backend's tests under numba's CUDA
-# simulator (tiny sizes). This must happen before numba is first imported.
+# simulator (tiny sizes). pytest's warning filters may already have imported
+# numba, so its configuration is re-read (numba.cuda itself is not imported yet).
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not ctypes.util.find_library("cuda"):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import numba.core.config
+
+    numba.core.config.reload_config()
 
 import numpy as np  # noqa: E402
 import pytest

@@ -136,14 +136,14 @@ def gather_rows(x, order, k, lo, hi, out):
 
 
 @kernel(fastmath=True)
-def stream_matmul(x, w, c0, c1, acc):
-    """``acc[:, :c1-c0] = x @ w[:, c0:c1]``, reading the weight rows once, in order.
+def stream_matmul(x, w, c0, c1, acc, o0):
+    """``acc[:, o0:o0+c1-c0] = x @ w[:, c0:c1]``, reading the weight rows once, in order.
 
     For each group of four weight rows, every output element gets
     ``a0*w0 + a1*w1 + a2*w2 + a3*w3`` added: a fixed order over the inner
     dimension. One row streams whole weight rows (sequential reads);
     several rows work in column blocks of 512 that stay in L1, four (then
-    two, then one) rows of ``x`` at a time so that each loaded weight vector
+    one) rows of ``x`` at a time so that each loaded weight vector
     feeds several accumulators. The per-element arithmetic is the same on
     every path (checked by the tests), so a row's result depends neither on
     the other rows nor on the column range.
@@ -153,9 +153,8 @@ def stream_matmul(x, w, c0, c1, acc):
     jb = n if M == 1 else 512
     for m in range(M):
         for j in range(n):
-            acc[m, j] = 0.0
+            acc[m, o0 + j] = 0.0
     M4 = M - M % 4
-    M2 = M - M % 2
     k4 = K - K % 4
     for kk in range(0, k4, 4):
         for j0 in range(c0, c1, jb):
@@ -169,35 +168,26 @@ def stream_matmul(x, w, c0, c1, acc):
                 b0, b1, b2, b3 = x[m + 1, kk], x[m + 1, kk + 1], x[m + 1, kk + 2], x[m + 1, kk + 3]
                 c0_, c1_, c2, c3 = x[m + 2, kk], x[m + 2, kk + 1], x[m + 2, kk + 2], x[m + 2, kk + 3]
                 d0, d1, d2, d3 = x[m + 3, kk], x[m + 3, kk + 1], x[m + 3, kk + 2], x[m + 3, kk + 3]
-                am = acc[m, j0 - c0:j1 - c0]
-                bm = acc[m + 1, j0 - c0:j1 - c0]
-                cm = acc[m + 2, j0 - c0:j1 - c0]
-                dm = acc[m + 3, j0 - c0:j1 - c0]
+                am = acc[m, o0 + j0 - c0:o0 + j1 - c0]
+                bm = acc[m + 1, o0 + j0 - c0:o0 + j1 - c0]
+                cm = acc[m + 2, o0 + j0 - c0:o0 + j1 - c0]
+                dm = acc[m + 3, o0 + j0 - c0:o0 + j1 - c0]
                 for j in range(j1 - j0):
                     v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
                     am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
                     bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
                     cm[j] += c0_ * v0 + c1_ * v1 + c2 * v2 + c3 * v3
                     dm[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
-            for m in range(M4, M2, 2):
+            for m in range(M4, M):
                 a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
-                b0, b1, b2, b3 = x[m + 1, kk], x[m + 1, kk + 1], x[m + 1, kk + 2], x[m + 1, kk + 3]
-                am = acc[m, j0 - c0:j1 - c0]
-                bm = acc[m + 1, j0 - c0:j1 - c0]
-                for j in range(j1 - j0):
-                    v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
-                    am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
-                    bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-            for m in range(M2, M):
-                a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
-                am = acc[m, j0 - c0:j1 - c0]
+                am = acc[m, o0 + j0 - c0:o0 + j1 - c0]
                 for j in range(j1 - j0):
                     am[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
     for kk in range(k4, K):
         wr = w[kk, c0:c1]
         for m in range(M):
             a = x[m, kk]
-            am = acc[m]
+            am = acc[m, o0:o0 + n]
             for j in range(n):
                 am[j] += a * wr[j]
 
@@ -215,21 +205,15 @@ def stream_glu(x, w1, wu, fused, glu, F, c0, c1, bg, bu, code, limit, alpha, h):
     n = c1 - c0
     bgc = bg[c0:c1] if bg.shape[0] > 0 else bg
     buc = bu[c0:c1] if bu.shape[0] > 0 else bu
-    if fused and c0 == 0 and c1 == F:
-        acc = np.empty((M, 2 * F), dtype=h.dtype)
-        stream_matmul(x, w1, 0, 2 * F, acc)
-        glu_rows(acc, 0, acc, F, glu, bgc, buc, code, limit, alpha, h, 0, F)
-        return
-    accg = np.empty((M, n), dtype=h.dtype)
-    stream_matmul(x, w1, c0, c1, accg)
-    accu = accg
-    if glu:
-        accu = np.empty((M, n), dtype=h.dtype)
-        if fused:
-            stream_matmul(x, w1, F + c0, F + c1, accu)
-        else:
-            stream_matmul(x, wu, c0, c1, accu)
-    glu_rows(accg, 0, accu, 0, glu, bgc, buc, code, limit, alpha, h, c0, n)
+    whole = fused and c0 == 0 and c1 == F          # one pass over [gate | up] rows
+    parts = 1 if whole or not glu else 2
+    acc = np.empty((M, 2 * n if glu else n), dtype=h.dtype)
+    for part in range(parts):
+        w = wu if part == 1 and not fused else w1
+        lo = c0 + (F if part == 1 and fused else 0)
+        hi = lo + (2 * n if whole else n)
+        stream_matmul(x, w, lo, hi, acc, part * n)
+    glu_rows(acc, 0, acc, n, glu, bgc, buc, code, limit, alpha, h, c0, n)
 
 
 @kernel
@@ -238,7 +222,7 @@ def stream_down(h, wd, c0, c1, bd, out):
     M = h.shape[0]
     n = c1 - c0
     acc = np.empty((M, n), dtype=out.dtype)
-    stream_matmul(h, wd, c0, c1, acc)
+    stream_matmul(h, wd, c0, c1, acc, 0)
     hasb = bd.shape[0] > 0
     for m in range(M):
         for j in range(n):
@@ -259,24 +243,26 @@ def _rows(src, order, k, gather, a, b, dtype_like):
 
 
 @kernel
+def _dot(a, b, out):
+    """``out = a @ b`` (one BLAS call; single-threaded under :func:`run_jobs`)."""
+    np.dot(a, b, out)
+
+
+@kernel
 def _blas_task(xe, e, w1, wu, fused, glu, wd, bge, bue, bde, code, limit, alpha, out):
     """Rows ``xe`` through expert ``e`` with BLAS: gate/up, activation, down, bias."""
     m = xe.shape[0]
     F = wd.shape[1]
     h = np.empty((m, F), dtype=out.dtype)
-    if fused:
-        gu = np.empty((m, 2 * F), dtype=out.dtype)
-        np.dot(xe, w1[e], gu)
-        glu_rows(gu, 0, gu, F, glu, bge, bue, code, limit, alpha, h, 0, F)
-    else:
-        g = np.empty((m, F), dtype=out.dtype)
-        np.dot(xe, w1[e], g)
-        u = g
-        if glu:
-            u = np.empty((m, F), dtype=out.dtype)
-            np.dot(xe, wu[e], u)
-        glu_rows(g, 0, u, 0, glu, bge, bue, code, limit, alpha, h, 0, F)
-    np.dot(h, wd[e], out)
+    nw = 2 * F if fused else F
+    gu = np.empty((m, nw), dtype=out.dtype)
+    _dot(xe, w1[e], gu)
+    u, uoff = gu, F if fused else 0
+    if glu and not fused:
+        u = np.empty((m, F), dtype=out.dtype)
+        _dot(xe, wu[e], u)
+    glu_rows(gu, 0, u, uoff, glu, bge, bue, code, limit, alpha, h, 0, F)
+    _dot(h, wd[e], out)
     if bde.shape[0] > 0:
         add_row_bias(out, bde)
 
