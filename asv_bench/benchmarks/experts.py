@@ -22,7 +22,7 @@ def _inputs(T, E, k, dtype):
 class ExpertFFN(H.Bench):
     """SwiGLU experts (hidden 256, expert width 256) over a routed batch."""
 
-    params = ([64, 1024], [8, 64], [2, 8], H.DTYPES)
+    params = ([64, 512], [8, 64], [2, 8], H.DTYPES)
     param_names = ["tokens", "experts", "k", "dtype"]
 
     def setup(self, T, E, k, dtype):

@@ -15,13 +15,12 @@ class Layer(H.Bench):
 
     params = ([64, 1024], list(H.LAYER_SHAPES), H.DTYPES)
     param_names = ["tokens", "shape", "dtype"]
+    timeout = 300      # a setup that finds no JIT cache compiles the whole layer
 
     def setup(self, T, shape, dtype):
         MoEConfig, MoELayer = H.api("MoEConfig"), H.api("MoELayer")
-        config, self.weights = H.layer_arrays(shape, dtype)
-        self.layer = MoELayer(MoEConfig(**config), **self.weights)
-        self.ref_kw = dict(top_k=config["top_k"],
-                           **{key: config[key] for key in _REF_KEYS if key in config})
+        config, weights = H.layer_arrays(shape, dtype)
+        self.layer = MoELayer(MoEConfig(**config), **weights)
         self.x = H.tokens(T, config["hidden_dim"], dtype)
         self.layer(self.x)
 
@@ -35,5 +34,18 @@ class Layer(H.Bench):
     def peakmem_forward(self, T, shape, dtype):
         self.layer(self.x)
 
+
+class LayerReference(H.Bench):
+    """The float64 NumPy oracle of the same layers (``numoe.reference.moe_forward``)."""
+
+    params = Layer.params
+    param_names = Layer.param_names
+
+    def setup(self, T, shape, dtype):
+        config, self.weights = H.layer_arrays(shape, dtype)
+        self.kw = dict(top_k=config["top_k"],
+                       **{key: config[key] for key in _REF_KEYS if key in config})
+        self.x = H.tokens(T, config["hidden_dim"], dtype)
+
     def time_reference_forward(self, T, shape, dtype):
-        H.reference().moe_forward(self.x, **self.weights, **self.ref_kw)
+        H.reference().moe_forward(self.x, **self.weights, **self.kw)

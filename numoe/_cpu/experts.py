@@ -57,7 +57,7 @@ MAX_TASK_ROWS = 512
 MATMUL_ROWS = 256       # row block of the router-logits product
 SERIAL_COST = 4.0e6     # jobs (and products) cheaper than this skip the parallel region
 
-# task kinds
+# task kinds (literal in the kernels, which read no module globals)
 BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
 
 
@@ -150,7 +150,7 @@ def stream_matmul(x, w, c0, c1, acc, o0):
     """
     M, K = x.shape
     n = c1 - c0
-    jb = n if M == 1 else 512
+    jb = max(n, 1) if M == 1 else 512
     for m in range(M):
         for j in range(n):
             acc[m, o0 + j] = 0.0
@@ -166,7 +166,7 @@ def stream_matmul(x, w, c0, c1, acc, o0):
             for m in range(0, M4, 4):
                 a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
                 b0, b1, b2, b3 = x[m + 1, kk], x[m + 1, kk + 1], x[m + 1, kk + 2], x[m + 1, kk + 3]
-                c0_, c1_, c2, c3 = x[m + 2, kk], x[m + 2, kk + 1], x[m + 2, kk + 2], x[m + 2, kk + 3]
+                q0, q1, q2, q3 = x[m + 2, kk], x[m + 2, kk + 1], x[m + 2, kk + 2], x[m + 2, kk + 3]
                 d0, d1, d2, d3 = x[m + 3, kk], x[m + 3, kk + 1], x[m + 3, kk + 2], x[m + 3, kk + 3]
                 am = acc[m, o0 + j0 - c0:o0 + j1 - c0]
                 bm = acc[m + 1, o0 + j0 - c0:o0 + j1 - c0]
@@ -176,7 +176,7 @@ def stream_matmul(x, w, c0, c1, acc, o0):
                     v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
                     am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
                     bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-                    cm[j] += c0_ * v0 + c1_ * v1 + c2 * v2 + c3 * v3
+                    cm[j] += q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3
                     dm[j] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3
             for m in range(M4, M):
                 a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
@@ -269,58 +269,56 @@ def _blas_task(xe, e, w1, wu, fused, glu, wd, bge, bue, bde, code, limit, alpha,
 
 # --------------------------------------------------------------------- driver
 @kernel
-def _stage1_task(t, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
-                 alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
-    """One BLAS, streaming or gate/up-chunk task (see :func:`plan_tasks`)."""
-    F = wd.shape[1]
+def _task(t, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit, alpha,
+          out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+    """Task ``t`` of :func:`plan_tasks`: a BLAS block, a streaming expert, or a
+    gate/up (then down) column chunk of a split expert (through ``hsplit``)."""
+    kd = kind[t]
     e = te[t]
     a = ta[t]
     b = tb[t]
-    xe = _rows(src, order, k, gather, a, b, out)
-    if kind[t] == 0:
+    F = wd.shape[1]
+    if kd == 0:                                     # BLAS
+        xe = _rows(src, order, k, gather, a, b, out)
         _blas_task(xe, e, w1, wu, fused, glu, wd, bg[e], bu[e], bd[e], code, limit, alpha,
                    out[a:b])
-    elif kind[t] == 1:
-        h = np.empty((b - a, F), dtype=out.dtype)
-        stream_glu(xe, w1[e], wu[e], fused, glu, F, 0, F, bg[e], bu[e], code, limit, alpha, h)
-        stream_down(h, wd[e], 0, wd.shape[2], bd[e], out[a:b])
+        return
+    d0, d1 = tc0[t], tc1[t]
+    if kd == 1:                                     # STREAM
+        hv = np.empty((b - a, F), dtype=out.dtype)
     else:
-        stream_glu(xe, w1[e], wu[e], fused, glu, F, tc0[t], tc1[t], bg[e], bu[e], code, limit,
-                   alpha, hsplit[tr0[t]:tr0[t] + b - a])
+        hv = hsplit[tr0[t]:tr0[t] + b - a]
+    if kd != 3:                                     # not SPLIT_DOWN
+        xe = _rows(src, order, k, gather, a, b, out)
+        g0, g1 = (0, F) if kd == 1 else (d0, d1)
+        stream_glu(xe, w1[e], wu[e], fused, glu, F, g0, g1, bg[e], bu[e], code, limit, alpha,
+                   hv)
+        if kd == 2:                                 # SPLIT_GLU
+            return
+        d0, d1 = 0, wd.shape[2]
+    stream_down(hv, wd[e], d0, d1, bd[e], out[a:b])
 
 
 @kernel
-def _stage2_task(t, wd, bd, out, hsplit, te, ta, tb, tc0, tc1, tr0):
-    """One down-chunk task of a column-split expert."""
-    e = te[t]
-    a = ta[t]
-    b = tb[t]
-    stream_down(hsplit[tr0[t]:tr0[t] + b - a], wd[e], tc0[t], tc1[t], bd[e], out[a:b])
-
-
-@kernel
-def _run_slot(p, stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-              bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
-    """The tasks of thread slot ``p`` in one stage, in order."""
+def _run_slot(p, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code,
+              limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+    """The tasks of thread slot ``p``, in order."""
     for i in range(start[p], start[p + 1]):
-        if stage == 1:
-            _stage1_task(bins[i], src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
-                         code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-        else:
-            _stage2_task(bins[i], wd, bd, out, hsplit, te, ta, tb, tc0, tc1, tr0)
+        _task(bins[i], src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
+              alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
 
 
 @driver
-def _experts_driver(stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-                    bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+def _experts_driver(bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
+                    code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
     """Run one stage of a job's tasks: thread slot ``p`` runs
     ``bins[start[p]:start[p+1]]`` in order (stage 1: BLAS, streaming and
     gate/up column chunks; stage 2: down column chunks). Every task writes
     only its own output rows/columns (``out``, or ``hsplit`` rows ``tr0`` for
     gate/up chunks). Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]``."""
     for p in prange(start.shape[0] - 1):
-        _run_slot(p, stage, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu,
-                  bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+        _run_slot(p, bins, start, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
+                  code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
 
 
 @kernel
@@ -485,13 +483,13 @@ def _run_job(job, nthreads):
             none if job.b_gate is None else job.b_gate, none if job.b_up is None else job.b_up,
             none if job.b_down is None else job.b_down, job.code, job.limit, job.alpha,
             job.out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-    for stage, bins, start in ((1, bins1, start1), (2, bins2, start2)):
+    for bins, start in ((bins1, start1), (bins2, start2)):
         if start[-1] == 0:
             continue
         if nthreads == 1:      # no parallel region: the one slot on this thread
-            _run_slot(0, stage, bins, start, *args)
+            _run_slot(0, bins, start, *args)
         else:
-            _experts_driver(stage, bins, start, *args)
+            _experts_driver(bins, start, *args)
 
 
 def run_jobs(jobs):
