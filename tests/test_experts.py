@@ -151,6 +151,20 @@ def test_column_split_experts(glu, bias):
     assert_close(call("cpu", xs, off, kw), expected(xs, off, kw), np.float64)
 
 
+def test_independent_of_the_callers_blas_threads():
+    """The products run single-threaded whatever BLAS threading the caller set
+    (multi-threaded OpenBLAS changes the bits), NumPy's and SciPy's BLAS alike."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(11)
+    xs, off, kw = problem(rng, [300, 2, 150, 40], 256, 384, np.float32)
+    outs = []
+    for n in (1, 2, 4):
+        with threadpool_limits(n, user_api="blas"), threads(2):
+            outs.append(call("cpu", xs, off, kw))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
 def test_streaming_kernel_rows_are_independent():
     """A few-row block gives each row the result it gets alone (fixed-order sums)."""
     rng = np.random.default_rng(8)
