@@ -9,7 +9,6 @@ input and checks the relative error. Skipped without torch/transformers.
 import numpy as np
 import pytest
 
-import numoe
 from numoe import MoEConfig, MoELayer
 
 torch = pytest.importorskip("torch")

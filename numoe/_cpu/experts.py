@@ -23,24 +23,31 @@ the thread count:
   chunks (gate/up chunks, then down chunks) so that all threads read.
 
 The tasks, largest estimated cost first, form a queue that
-``numba.get_num_threads()`` threads (one ``prange`` iteration each) drain
-through an atomic counter -- a greedy longest-first schedule that also
-adapts when a core is busy with something else -- each thread with
-single-threaded BLAS. Measured on this project's 2-core machine, two
-threads each running whole experts with single-threaded BLAS beat one
-multi-threaded BLAS call per expert (115 vs 107 GFLOP/s at 64 rows per
-expert); and OpenBLAS gives different bits at 1 and 2 threads for most
-shapes (checked: 2048x2048 products of 8 to 512 rows), while a
-single-threaded call of a fixed shape is reproducible. Every product here
-is such a call, or a fixed-order Numba loop whose per-element arithmetic
-does not depend on the column range or the other rows, and each task
-writes only its own rows/columns: results are bit-identical for any
-thread count.
+``numba.get_num_threads()`` threads drain through a shared counter (a
+greedy longest-first schedule that also adapts when a core is busy with
+something else), each with single-threaded BLAS. Jobs with BLAS tasks run
+on Python threads (this one and a pool) calling NumPy's BLAS, which
+releases the GIL: at 16-128 rows it is markedly faster than SciPy's, the
+one Numba's ``np.dot`` calls (35 vs 23 and 59 vs 49 GFLOP/s per core at 16
+and 64 rows, measured here). Jobs that only stream (decoding) run in the
+Numba driver (one ``prange`` iteration per thread, an atomic counter).
+
+Measured on this project's 2-core machine, two threads each running whole
+experts with single-threaded BLAS beat one multi-threaded BLAS call per
+expert (115 vs 107 GFLOP/s at 64 rows per expert); and OpenBLAS gives
+different bits at 1 and 2 threads for most shapes (checked: 2048x2048
+products of 8 to 512 rows), while a single-threaded call of a fixed shape
+is reproducible. Every product here is such a call, or a fixed-order Numba
+loop whose per-element arithmetic does not depend on the column range or
+the other rows, and each task writes only its own rows/columns: results
+are bit-identical for any thread count.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import numba
@@ -52,14 +59,14 @@ from numba.extending import intrinsic
 from .._jit import driver, kernel
 
 # Task rules. Results depend on these (and on the sizes), never on threads.
-SMALL_ROWS = 16         # expert blocks with fewer rows stream their weights
+SMALL_ROWS = 10         # expert blocks with fewer rows stream their weights
 MIN_TASKS = 4           # below this many tasks, streaming experts split by columns
 SPLIT_COLS = 256        # column chunks are multiples of this
 TASK_FLOPS = 2.0e9      # target FLOPs of one BLAS task (bounds its row block)
 MIN_TASK_ROWS = 64
 MAX_TASK_ROWS = 512
 MATMUL_ROWS = 256       # row block of the router-logits product
-SERIAL_COST = 4.0e6     # jobs (and products) cheaper than this skip the parallel region
+SERIAL_COST = 1.0e-4    # jobs estimated under this many seconds skip the threads
 
 # task kinds (literal in the kernels, which read no module globals)
 BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
@@ -237,38 +244,13 @@ def stream_down(h, wd, c0, c1, bd, out):
 
 
 @kernel
-def _rows(src, order, k, gather, a, b, dtype_like):
-    """Rows ``a:b`` of the job input: a view, or a gathered copy through ``order``."""
+def _rows(src, order, k, gather, a, b, out):
+    """Rows ``a:b`` of a job's input: a view, or a copy gathered through ``order``."""
     if gather:
-        xe = np.empty((b - a, src.shape[1]), dtype=dtype_like.dtype)
+        xe = np.empty((b - a, src.shape[1]), dtype=out.dtype)
         gather_rows(src, order, k, a, b, xe)
         return xe
     return src[a:b]
-
-
-@kernel
-def _dot(a, b, out):
-    """``out = a @ b`` (one BLAS call; single-threaded under :func:`run_jobs`)."""
-    np.dot(a, b, out)
-
-
-@kernel
-def _blas_task(xe, e, w1, wu, fused, glu, wd, bge, bue, bde, code, limit, alpha, out):
-    """Rows ``xe`` through expert ``e`` with BLAS: gate/up, activation, down, bias."""
-    m = xe.shape[0]
-    F = wd.shape[1]
-    h = np.empty((m, F), dtype=out.dtype)
-    nw = 2 * F if fused else F
-    gu = np.empty((m, nw), dtype=out.dtype)
-    _dot(xe, w1[e], gu)
-    u, uoff = gu, F if fused else 0
-    if glu and not fused:
-        u = np.empty((m, F), dtype=out.dtype)
-        _dot(xe, wu[e], u)
-    glu_rows(gu, 0, u, uoff, glu, bge, bue, code, limit, alpha, h, 0, F)
-    _dot(h, wd[e], out)
-    if bde.shape[0] > 0:
-        add_row_bias(out, bde)
 
 
 # ------------------------------------------------------------ work queue
@@ -297,29 +279,25 @@ def _next_task(typingctx, counter):
 @kernel
 def _task(t, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit, alpha,
           out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
-    """Task ``t`` of :func:`plan_tasks`: a BLAS block, a streaming expert, or a
-    gate/up (then down) column chunk of a split expert (through ``hsplit``)."""
+    """Streaming task ``t`` of :func:`plan_tasks`: a whole expert (kind 1), or a
+    gate/up (kind 2) then down (kind 3) column chunk of a split expert, the
+    two stages passing through ``hsplit``."""
     kd = kind[t]
     e = te[t]
     a = ta[t]
     b = tb[t]
     F = wd.shape[1]
-    if kd == 0:                                     # BLAS
-        xe = _rows(src, order, k, gather, a, b, out)
-        _blas_task(xe, e, w1, wu, fused, glu, wd, bg[e], bu[e], bd[e], code, limit, alpha,
-                   out[a:b])
-        return
     d0, d1 = tc0[t], tc1[t]
-    if kd == 1:                                     # STREAM
+    if kd == 1:
         hv = np.empty((b - a, F), dtype=out.dtype)
     else:
         hv = hsplit[tr0[t]:tr0[t] + b - a]
-    if kd != 3:                                     # not SPLIT_DOWN
+    if kd != 3:
         xe = _rows(src, order, k, gather, a, b, out)
         g0, g1 = (0, F) if kd == 1 else (d0, d1)
         stream_glu(xe, w1[e], wu[e], fused, glu, F, g0, g1, bg[e], bu[e], code, limit, alpha,
                    hv)
-        if kd == 2:                                 # SPLIT_GLU
+        if kd == 2:
             return
         d0, d1 = 0, wd.shape[2]
     stream_down(hv, wd[e], d0, d1, bd[e], out[a:b])
@@ -342,28 +320,14 @@ def _run_queue(queue, counter, src, order, k, gather, w1, wu, fused, glu, wd, bg
 def _experts_driver(nthreads, queue, counter, src, order, k, gather, w1, wu, fused, glu, wd,
                     bg, bu, bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1,
                     tr0):
-    """Run one stage of a job's tasks on ``nthreads`` threads sharing one queue
-    (tasks largest first; stage 1: BLAS, streaming and gate/up column chunks;
+    """Run one stage of a streaming job on ``nthreads`` threads sharing one queue
+    (tasks largest first; stage 1: whole experts and gate/up column chunks;
     stage 2: down column chunks). Every task writes only its own output
     rows/columns (``out``, or ``hsplit`` rows ``tr0`` for gate/up chunks).
     Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]`` for none."""
     for _ in prange(nthreads):
         _run_queue(queue, counter, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
                    code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-
-
-@kernel
-def _matmul_block(a, b, rows, i, out):
-    lo = i * rows
-    hi = min(a.shape[0], lo + rows)
-    np.dot(a[lo:hi], b, out[lo:hi])
-
-
-@driver
-def _matmul_driver(a, b, rows, out):
-    """``out = a @ b`` in fixed row blocks, each one single-threaded BLAS call."""
-    for i in prange((a.shape[0] + rows - 1) // rows):
-        _matmul_block(a, b, rows, i, out)
 
 
 @kernel
@@ -376,23 +340,51 @@ def _add_gated(y, sh, gate):
             y[t, j] += g * sh[t, j]
 
 
-# ------------------------------------------------------------- BLAS threads
+# ------------------------------------------------------------ threads, BLAS
 _LOCK = threading.RLock()
-_BLAS = [None]               # threadpoolctl controller, made on first use
+_STATE = {"pool": None, "workers": 0, "blas": None}
 
 
 def _single_threaded_blas():
-    """Context holding NumPy's and SciPy's BLAS at one thread (process-wide setting).
-
-    Numba's ``np.dot`` calls SciPy's BLAS (``scipy.linalg.cython_blas``),
-    a library of its own: it is imported before the controller looks for
-    the loaded BLAS libraries, or it would run with its default threads.
-    """
-    if _BLAS[0] is None:
-        import scipy.linalg.cython_blas  # noqa: F401  (load it: see above)
+    """Context holding the loaded BLAS libraries at one thread (process-wide)."""
+    if _STATE["blas"] is None:
         from threadpoolctl import ThreadpoolController
-        _BLAS[0] = ThreadpoolController()
-    return _BLAS[0].limit(limits=1, user_api="blas")
+        _STATE["blas"] = ThreadpoolController()
+    return _STATE["blas"].limit(limits=1, user_api="blas")
+
+
+def _run_tasks(tasks, nthreads):
+    """Run callables on ``nthreads`` threads (this one and pool workers) that
+    take them in list order from a shared counter; returns when all are done.
+
+    Each task writes only what it owns, so the order and the thread that runs
+    a task never change a result.
+    """
+    n = min(nthreads, len(tasks))
+    if n <= 1:
+        for t in tasks:
+            t()
+        return
+    if _STATE["workers"] < n - 1:
+        if _STATE["pool"] is not None:
+            _STATE["pool"].shutdown(wait=True)
+        _STATE["pool"] = ThreadPoolExecutor(max_workers=n - 1,
+                                            thread_name_prefix="numoe-experts")
+        _STATE["workers"] = n - 1
+    counter = itertools.count()            # next() is atomic under the GIL
+
+    def work():
+        for i in iter(counter.__next__, None):
+            if i >= len(tasks):
+                return
+            tasks[i]()
+
+    futures = [_STATE["pool"].submit(work) for _ in range(n - 1)]
+    try:
+        work()
+    finally:
+        for f in futures:
+            f.result()
 
 
 # --------------------------------------------------------------------- jobs
@@ -447,7 +439,8 @@ def plan_tasks(offsets, H, F, Hout, glu):
     """Tasks of a job: a list of ``(kind, e, a, b, c0, c1, r0, cost)``.
 
     Depends on the sizes only. ``r0`` is the task's first row in the split
-    buffer (gate/up and down chunks of split experts).
+    buffer (gate/up and down chunks of split experts); ``cost`` a rough
+    estimate used to run the largest tasks first.
     """
     E = len(offsets) - 1
     step = _rows_per_task(H, F, glu)
@@ -457,8 +450,7 @@ def plan_tasks(offsets, H, F, Hout, glu):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
         if hi - lo >= SMALL_ROWS:
             for a, b in _blocks(lo, hi, step):
-                m = b - a
-                tasks.append((BLAS, e, a, b, 0, 0, 0, 2.0 * m * w_elems * (1.0 + 16.0 / m)))
+                tasks.append((BLAS, e, a, b, 0, 0, 0, _cost(b - a, w_elems, True)))
         elif hi > lo:
             small.append((e, lo, hi))
     if small and len(tasks) + len(small) < MIN_TASKS:
@@ -468,66 +460,115 @@ def plan_tasks(offsets, H, F, Hout, glu):
             m = hi - lo
             for c0, c1 in _chunks(F, parts):
                 tasks.append((SPLIT_GLU, e, lo, hi, c0, c1, r0,
-                              (c1 - c0) / F * H * F * (2 if glu else 1) * (8.0 + 2 * m)))
+                              _cost(m, (c1 - c0) * H * (2 if glu else 1), False)))
             for c0, c1 in _chunks(Hout, parts):
                 tasks.append((SPLIT_DOWN, e, lo, hi, c0, c1, r0,
-                              (c1 - c0) / Hout * F * Hout * (8.0 + 2 * m)))
+                              _cost(m, (c1 - c0) * F, False)))
             r0 += m
     else:
         for e, lo, hi in small:
-            tasks.append((STREAM, e, lo, hi, 0, 0, 0, w_elems * (8.0 + 2 * (hi - lo))))
+            tasks.append((STREAM, e, lo, hi, 0, 0, 0, _cost(hi - lo, w_elems, False)))
     return tasks
 
 
-def _queue(ids, costs):
-    """Task ids, largest estimated cost first (a greedy longest-first schedule)."""
-    return np.array(sorted(ids, key=lambda t: (-costs[t], t)), dtype=np.int64)
+def _cost(m, w_elems, blas):
+    """Rough seconds of ``m`` rows through ``w_elems`` weights (1 core, measured
+    shapes: BLAS ~60 GFLOP/s from 64 rows, less below; the streaming loop
+    ~25 GFLOP/s or the memory bandwidth). Only orders the work queue."""
+    flops = 2.0 * m * w_elems
+    if blas:
+        return flops * (m + 16) / (60e9 * max(m, 1))
+    return max(flops / 25e9, 4.0 * w_elems / 12e9)
 
 
-def _run_job(job, nthreads):
+def _blas_task(job, e, a, b, glu, none):
+    """Rows ``a:b`` through expert ``e`` with NumPy's BLAS: gate and up (one
+    product when fused), the activation, down, the down bias."""
+    F = job.w_down.shape[1]
+    dt = job.out.dtype
+    if job.order is None:
+        xe = job.src[a:b]
+    else:
+        xe = np.empty((b - a, job.src.shape[1]), dtype=dt)
+        gather_rows(job.src, job.order, job.k, a, b, xe)
+    gu = np.matmul(xe, job.w1[e])
+    u, uoff = gu, (F if job.fused else 0)
+    if glu and not job.fused:
+        u = np.matmul(xe, job.w_up[e])
+    h = np.empty((b - a, F), dtype=dt)
+    glu_rows(gu, 0, u, uoff, glu, none if job.b_gate is None else job.b_gate[e],
+             none if job.b_up is None else job.b_up[e], job.code, job.limit, job.alpha, h, 0, F)
+    out = job.out[a:b]
+    np.matmul(h, job.w_down[e], out=out)
+    if job.b_down is not None:
+        add_row_bias(out, job.b_down[e])
+
+
+def _job_stages(job, nthreads):
+    """``(stages, args, serial)`` for one job, or None when it has no rows.
+
+    A job with BLAS tasks becomes two lists of callables for
+    :func:`_run_tasks` (``args`` None); a streaming-only job (decoding) two
+    arrays of task ids for the Numba driver, whose arguments are ``args``.
+    """
     dt = job.out.dtype
     E, H = job.w1.shape[0], job.w1.shape[1]
     F, Hout = job.w_down.shape[1], job.w_down.shape[2]
     glu = job.fused or job.w_up is not None
     tasks = plan_tasks(job.offsets, H, F, Hout, glu)
     if not tasks:
-        return
+        return None
     cols = list(zip(*tasks))
     kind = np.array(cols[0], dtype=np.int64)
     te, ta, tb, tc0, tc1, tr0 = (np.array(c, dtype=np.int64) for c in cols[1:7])
     costs = cols[7]
-    stage1 = [i for i, kd in enumerate(cols[0]) if kd != SPLIT_DOWN]
-    stage2 = [i for i, kd in enumerate(cols[0]) if kd == SPLIT_DOWN]
-    if sum(costs) < SERIAL_COST:
-        nthreads = 1
-    split_rows = int(max((tr0[i] + tb[i] - ta[i] for i in stage2), default=0))
+    order = sorted(range(len(tasks)), key=lambda t: (-costs[t], t))     # largest first
+    stage1 = [t for t in order if cols[0][t] != SPLIT_DOWN]
+    stage2 = [t for t in order if cols[0][t] == SPLIT_DOWN]
+    split_rows = int(max((tr0[t] + tb[t] - ta[t] for t in stage2), default=0))
     hsplit = np.empty((split_rows, F), dtype=dt)
-    none = np.zeros((E, 0), dtype=dt)
+    none2 = np.zeros((E, 0), dtype=dt)
     gather = job.order is not None
     args = (job.src, job.order if gather else np.empty(0, np.int32), job.k, gather, job.w1,
             job.w1 if job.w_up is None else job.w_up, job.fused, glu, job.w_down,
-            none if job.b_gate is None else job.b_gate, none if job.b_up is None else job.b_up,
-            none if job.b_down is None else job.b_down, job.code, job.limit, job.alpha,
+            none2 if job.b_gate is None else job.b_gate,
+            none2 if job.b_up is None else job.b_up,
+            none2 if job.b_down is None else job.b_down, job.code, job.limit, job.alpha,
             job.out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
-    for ids in (stage1, stage2):
-        if not ids:
-            continue
-        queue, counter = _queue(ids, costs), np.zeros(1, np.int64)
-        if nthreads == 1:      # no parallel region: all tasks on this thread
-            _run_queue(queue, counter, *args)
-        else:
-            _experts_driver(min(nthreads, len(ids)), queue, counter, *args)
+    serial = sum(costs) < SERIAL_COST or nthreads == 1
+    if BLAS not in cols[0]:
+        return [np.array(stage1, np.int64), np.array(stage2, np.int64)], args, serial
+    none = np.zeros(0, dtype=dt)
+
+    def call(t):
+        if cols[0][t] == BLAS:
+            return lambda: _blas_task(job, cols[1][t], cols[2][t], cols[3][t], glu, none)
+        return lambda: _task(t, *args)
+    return [[call(t) for t in stage1], [call(t) for t in stage2]], None, serial
 
 
 def run_jobs(jobs):
-    """Run jobs one after the other, each spread over all threads.
+    """Run jobs one after the other, each spread over ``numba.get_num_threads()``.
 
     Serialised by a module lock: the BLAS thread setting is process-wide.
     """
     nthreads = max(1, numba.get_num_threads())
     with _LOCK, _single_threaded_blas():
         for job in jobs:
-            _run_job(job, nthreads)
+            planned = _job_stages(job, nthreads)
+            if planned is None:
+                continue
+            stages, args, serial = planned
+            for stage in stages:
+                if len(stage) == 0:
+                    continue
+                if args is None:
+                    _run_tasks(stage, 1 if serial else nthreads)
+                elif serial:
+                    _run_queue(stage, np.zeros(1, np.int64), *args)
+                else:
+                    _experts_driver(min(nthreads, len(stage)), stage, np.zeros(1, np.int64),
+                                    *args)
 
 
 def matmul(a, b, out=None):
@@ -536,16 +577,14 @@ def matmul(a, b, out=None):
     Fixed row blocks of ``MATMUL_ROWS``, each a single-threaded BLAS call,
     spread over the threads. Used for the router logits.
     """
+    T = a.shape[0]
     if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    if a.shape[0]:
-        serial = 2.0 * a.shape[0] * a.shape[1] * b.shape[1] < SERIAL_COST
-        with _LOCK, _single_threaded_blas():
-            if serial:
-                for i in range(-(-a.shape[0] // MATMUL_ROWS)):
-                    _matmul_block(a, b, MATMUL_ROWS, i, out)
-            else:
-                _matmul_driver(a, b, MATMUL_ROWS, out)
+        out = np.empty((T, b.shape[1]), dtype=a.dtype)
+    blocks = [(lo, min(T, lo + MATMUL_ROWS)) for lo in range(0, T, MATMUL_ROWS)]
+    tasks = [lambda lo=lo, hi=hi: np.matmul(a[lo:hi], b, out=out[lo:hi]) for lo, hi in blocks]
+    serial = _cost(T, a.shape[1] * b.shape[1], True) < SERIAL_COST
+    with _LOCK, _single_threaded_blas():
+        _run_tasks(tasks, 1 if serial else max(1, numba.get_num_threads()))
     return out
 
 
