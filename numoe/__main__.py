@@ -3,11 +3,16 @@
 Examples::
 
     numoe info
-    numoe bench                          # layer suite: seed shapes + model-shaped layers
+    numoe bench                          # layers: numoe vs the NumPy reference (and HF if installed)
+    numoe bench --full                   # also the larger model-shaped rows (several GB each)
     numoe bench --shapes olmoe-T4,seed-32x512x1024 --repeat 5 --json out.json
+    numoe bench --shape 256,64,8,2048,1024 --preset olmoe   # a custom row: T,E,k,H,F
+    numoe bench --dtype bfloat16                            # bf16 activations and weights
+    numoe bench --weights int8                              # int8 expert weights, float32 x
     numoe bench routing                  # route / dispatch_plan / permute at T=65536
     numoe bench --latency                # decode latency percentiles (OLMoE shape)
     numoe bench --startup                # import + first forward, cold and warm cache
+    mpiexec -n 2 numoe bench ep          # expert parallelism over MPI ranks, cost model
 """
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ import os
 import subprocess
 import sys
 
-_SUITES = ("layers", "routing", "latency", "startup")
+_SUITES = ("layers", "routing", "latency", "startup", "ep")
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# kept in step with numoe.bench.PRESETS / WEIGHT_DTYPES (not imported: `numoe --help` stays light)
+_PRESETS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch")
+_WEIGHTS = ("float16", "bfloat16", "float32", "float64", "int8")
 
 
 def _positive_int(text):
@@ -54,7 +62,19 @@ def _parser():
     b.add_argument("--list", action="store_true", help="list the registry rows and exit")
     b.add_argument("--threads", type=_positive_int,
                    help="Numba, PyTorch and BLAS threads (default: all cores)")
-    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    b.add_argument("--full", action="store_true",
+                   help="layer suite: also the larger rows (Qwen3-MoE, DeepSeek-V3-style, "
+                   "gpt-oss, OLMoE T=4096; several GB of memory each)")
+    b.add_argument("--shape", metavar="T,E,k,H,F",
+                   help="a custom row: tokens, experts, top-k, hidden and expert width "
+                   "(replaces --shapes)")
+    b.add_argument("--preset", default=None, choices=_PRESETS,
+                   help="MoEConfig family of the --shape row (default: mixtral)")
+    b.add_argument("--dtype", default="float32",
+                   choices=("float32", "float64", "bfloat16", "float16"),
+                   help="activation dtype, also HF's torch precision (default float32)")
+    b.add_argument("--weights", default=None, choices=_WEIGHTS,
+                   help="storage of the expert weights (default: as --dtype)")
     b.add_argument("--repeat", type=_positive_int,
                    help="timed calls per measurement (default: fill --budget)")
     b.add_argument("--budget", type=_positive_float, default=None,
@@ -83,23 +103,17 @@ def main(argv=None) -> int:
 
 # ------------------------------------------------------------------ info
 def _info(args, argv):
-    import numba
-    import numpy as np
-
     import numoe
-    from numoe import bench
 
-    m = bench.machine_info()
-    print(f"numoe {numoe.__version__} (python {m['python']})")
-    versions = [f"numpy {np.__version__}", f"numba {numba.__version__}"]
-    for name in ("scipy", "torch", "transformers"):
-        versions.append(f"{name} {bench.installed_version(name) or 'not installed'}")
-    print("versions: " + ", ".join(versions))
-    print(f"cpu: {m['cpu']}, {m['cores']} cores")
-    print(f"threads: {numba.get_num_threads()} Numba threads "
-          f"(threading layer setting: {numba.config.THREADING_LAYER})")
-    print(f"backends: {', '.join(numoe.backends())}")
-    print(f"BLAS (numpy): {m['blas']}")
+    d = numoe.info()
+    print(f"numoe {d['numoe']} (python {d['python']})")
+    print("versions: " + ", ".join(f"{name} {v or 'not installed'}"
+                                   for name, v in d["versions"].items()))
+    print(f"cpu: {d['cpu']}, {d['cores']} cores, 16-bit GEMM path: {d['isa']}")
+    print(f"threads: {d['threads']} Numba threads "
+          f"(threading layer setting: {d['threading_layer']})")
+    print(f"backends: {', '.join(d['backends'])}")
+    print(f"BLAS (numpy): {d['blas']}")
     return 0
 
 
@@ -109,64 +123,97 @@ def _bench(args, argv):
 
     if args.list:
         for row in bench.ROWS.values():
-            flag = "" if row.default else "  (not in the default suite)"
+            flag = "" if row.default else ("  (--full)" if row.full else
+                                           "  (not in the default suite)")
             print(f"{row.name:20s} {row.preset:12s} T={row.T} E={row.E} k={row.k} "
                   f"H={row.H} F={row.F}{flag}")
         return 0
+    if args.suite == "ep":      # expert parallelism, under mpiexec (numoe/bench_ep.py)
+        from numoe import bench_ep
+
+        return bench_ep.main(args, argv)
     if args.threads is not None and any(os.environ.get(v) != str(args.threads)
                                         for v in _BLAS_ENV):
         # BLAS reads its thread count once, at load time: run again in a child
         env = dict(os.environ, **{v: str(args.threads) for v in _BLAS_ENV})
         return subprocess.call([sys.executable, "-m", "numoe", *argv], env=env)
+    load_before = bench.machine_load()
     try:
         rows = _run_suite(bench, args)
     except (ValueError, RuntimeError, ImportError) as exc:
         print(f"numoe bench: {exc}", file=sys.stderr)
         return 2
+    load_after = bench.machine_load()
     info = bench.machine_info()
-    if args.threads is not None:
-        info["threads"] = args.threads
+    if rows and rows[0].get("threads"):
+        info["threads"] = rows[0]["threads"]     # what the suite ran with
+    info.update(load_before=load_before[0], load_after=load_after[0])
     print(bench.header_line(info))
     print(f"command: numoe bench {' '.join(argv[1:])}".rstrip())
-    if args.suite == "layers" and args.device == "cpu" and rows:
-        print(f"BLAS {args.dtype} GEMM rate (np.matmul 2048^3, median): "
-              f"{rows[0]['blas_gflops']:.1f} GFLOP/s")
     print()
     print(bench.format_table(rows, args.suite))
+    warnings = bench.noise_warnings([], [], load_before, load_after, info["threads"])
+    for w in warnings:
+        print(f"  WARNING: {w}")
     rss = bench.peak_rss_mib()
     extra = ""
     if args.suite == "startup":   # the work ran in child processes
         extra = f" (largest child process: {bench.peak_rss_mib(children=True):.0f} MiB)"
     print(f"\npeak RSS: {rss:.0f} MiB{extra}")
+    if args.suite == "layers" and args.hf and bench.hf_available() is not None:
+        print('HF transformers columns: n/a here; add them with pip install -e ".[parity]"')
     if args.json:
+        warnings += bench.noise_warnings(
+            rows, [k for k, _, kind in bench.COLUMNS.get(args.suite, ()) if kind == "ms"])
         with open(args.json, "w") as fh:
             json.dump(dict(suite=args.suite, device=args.device, command=argv, machine=info,
-                           peak_rss_mib=rss, rows=rows), fh, indent=1, default=_jsonable)
+                           peak_rss_mib=rss, warnings=warnings,
+                           legend=bench.legend(rows, args.suite), rows=rows),
+                      fh, indent=1, default=_jsonable)
     if args.plot:
         bench.plot(rows, args.suite, args.plot, title=bench.header_line(info))
     return 0
 
 
+def _shapes(bench, args):
+    """The rows asked for: ``--shape`` (with ``--preset``) or ``--shapes``."""
+    if args.shape is not None:
+        if args.shapes:
+            raise ValueError("give --shape or --shapes, not both")
+        return [bench.custom_row(args.shape, args.preset or "mixtral")]
+    if args.preset is not None:
+        raise ValueError("--preset names the family of a --shape row; add --shape T,E,k,H,F")
+    return args.shapes
+
+
 def _run_suite(bench, args):
     kw = dict(dtype=args.dtype, progress=True)
     budget = {} if args.budget is None else dict(budget=args.budget)
+    shapes = _shapes(bench, args)
     if args.device == "cuda":
         if args.suite != "layers":
             raise ValueError(f"--device cuda runs the layer suite only, not {args.suite!r}")
         try:
-            return bench.run_cuda_layer_suite(args.shapes, repeat=args.repeat, **kw)
+            return bench.run_cuda_layer_suite(shapes, repeat=args.repeat, **kw)
         except Exception as exc:  # noqa: BLE001 - any failure: say why, plainly
             raise RuntimeError(f"the CUDA benchmark could not run: {exc}") from exc
+    if args.weights is not None and args.suite not in ("layers", "latency"):
+        raise ValueError(f"--weights applies to the layer and latency suites, not {args.suite!r}")
     if args.suite == "layers":
-        return bench.run_layer_suite(args.shapes, threads=args.threads, repeat=args.repeat,
-                                     hf=args.hf, **budget, **kw)
+        return bench.run_layer_suite(shapes, threads=args.threads, repeat=args.repeat,
+                                     weights=args.weights, hf=args.hf, full=args.full,
+                                     **budget, **kw)
     if args.suite == "routing":
         return bench.run_routing_suite(args.tokens, threads=args.threads, repeat=args.repeat,
                                        **budget, **kw)
     if args.suite == "latency":
-        return bench.run_latency_suite(args.shapes or "olmoe-T512", threads=args.threads,
-                                       **budget, **kw)
-    return bench.run_startup(args.shapes or "seed-32x512x1024", **kw)
+        if isinstance(shapes, str) and "," in shapes:
+            raise ValueError("the latency suite runs one layer shape: give one --shapes name")
+        return bench.run_latency_suite(shapes or "olmoe-T512", threads=args.threads,
+                                       weights=args.weights, **budget, **kw)
+    if shapes is not None and not isinstance(shapes, str):
+        raise ValueError("the startup suite takes a registry row name (--shapes), not --shape")
+    return bench.run_startup(shapes or "seed-32x512x1024", **kw)
 
 
 def _jsonable(obj):

@@ -45,3 +45,16 @@ def compute_dtype(dt):
 def bits(a):
     """A 16-bit float array as its ``uint16`` view (what Numba kernels take); others as is."""
     return a.view(np.uint16) if a.dtype in NARROW else a
+
+
+def widened(a):
+    """``(array, storage dtype)``: a host array with 16-bit floats widened to float32.
+
+    For ops that compute in float32 and hand back the storage dtype (the
+    backward ops' 16-bit path); other arrays pass through ``np.asarray``.
+    """
+    arr = np.asarray(a)
+    dt = arr.dtype
+    if dt in NARROW:
+        return arr.astype(FLOAT32), dt
+    return arr, dt

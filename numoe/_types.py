@@ -1,6 +1,4 @@
 """Result types shared by the public API and the reference."""
-from __future__ import annotations
-
 from typing import Any, NamedTuple, Optional
 
 

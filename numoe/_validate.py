@@ -12,7 +12,9 @@ import operator
 
 import numpy as np
 
-FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+from ._dtypes import FLOATS, native
+
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
 def _as_ndarray(name, a):
@@ -28,18 +30,23 @@ def _as_ndarray(name, a):
 
 
 def float_array(name, a, *, ndim=None, dtype=None):
-    """A C-contiguous float32/float64 array.
+    """A C-contiguous float16/bfloat16/float32/float64 array in native byte order.
 
-    Integer, bool, complex and other dtypes are a ``TypeError``; ``dtype``
-    (if given) converts float inputs to that float dtype.
+    Any byte order is accepted (non-native input is converted, a copy);
+    integer, bool, complex and other dtypes are a ``TypeError``. ``dtype``
+    (if given) converts float inputs to that float dtype. 16-bit arrays are
+    returned as they are stored: widening them is the caller's choice.
     """
     arr = _as_ndarray(name, a)
-    if arr.dtype not in FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
+    dt = native(arr.dtype)
+    if dt not in FLOATS:
+        raise TypeError(f"{name} must be {FLOAT_NAMES}, got dtype {arr.dtype}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
     if dtype is not None:
-        arr = arr.astype(dtype, copy=False)
+        dt = np.dtype(dtype)
+    if arr.dtype != dt:
+        arr = arr.astype(dt)
     return np.ascontiguousarray(arr)
 
 

@@ -34,11 +34,14 @@ import tempfile
 import time
 from typing import NamedTuple
 
+import numba
 import numpy as np
+from numba import prange
 
 import numoe
 from numoe import reference
-from numoe._jit import threads as numba_threads
+from numoe._dtypes import BFLOAT16, as_float_dtype, compute_dtype
+from numoe._jit import driver, threads as numba_threads
 
 
 # ------------------------------------------------------------------ registry
@@ -54,6 +57,7 @@ class Row(NamedTuple):
     F: int               # expert width
     options: tuple = ()  # (field, value) pairs passed to the preset
     default: bool = True  # part of the suite that ``numoe bench`` runs
+    full: bool = False    # part of the larger suite that ``numoe bench --full`` adds
 
 
 _DEEPSEEK_GROUPS = (("n_groups", 8), ("topk_groups", 4), ("num_shared_experts", 1))
@@ -63,13 +67,15 @@ ROWS = {r.name: r for r in [
     Row("seed-32x512x1024", "mixtral", 32, 8, 2, 512, 1024),
     Row("seed-64x1024x2048", "mixtral", 64, 8, 2, 1024, 2048),
     Row("seed-128x2048x4096", "mixtral", 128, 8, 2, 2048, 4096),
-    # model-shaped layers
+    # model-shaped layers (OLMoE: 1.6 GB of float32 experts; the others, behind
+    # --full, 1.6 to 3.4 GB each: the default suite stays under 3 GiB peak)
     Row("olmoe-T512", "olmoe", 512, 64, 8, 2048, 1024),
     Row("olmoe-T4", "olmoe", 4, 64, 8, 2048, 1024),
-    Row("qwen3-moe-T512", "qwen3_moe", 512, 128, 8, 2048, 768),
+    Row("qwen3-moe-T512", "qwen3_moe", 512, 128, 8, 2048, 768, default=False, full=True),
     Row("deepseek-v3-T512", "deepseek_v3", 512, 256, 8, 1024, 512,
-        _DEEPSEEK_GROUPS + (("shared_expert_dim", 512),)),
-    Row("gpt-oss-20b-T256", "gpt_oss", 256, 32, 4, 2880, 2880),
+        _DEEPSEEK_GROUPS + (("shared_expert_dim", 512),), default=False, full=True),
+    Row("gpt-oss-20b-T256", "gpt_oss", 256, 32, 4, 2880, 2880, default=False, full=True),
+    Row("olmoe-T4096", "olmoe", 4096, 64, 8, 2048, 1024, default=False, full=True),
     # tiny versions of every family, for smoke tests (not in the default suite)
     Row("tiny-mixtral", "mixtral", 16, 8, 2, 32, 48, default=False),
     Row("tiny-olmoe", "olmoe", 16, 16, 4, 32, 24, default=False),
@@ -81,23 +87,59 @@ ROWS = {r.name: r for r in [
 
 LATENCY_TOKENS = (1, 4, 16, 64)
 
+#: ``MoEConfig`` presets a custom row (``--shape``) may name.
+PRESETS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch")
 
-def select_rows(patterns=None):
+
+def select_rows(patterns=None, *, full=False):
     """Registry rows matching a list (or comma string) of names / shell patterns.
 
-    ``None`` gives the default suite. Unknown names raise ``ValueError``.
+    ``None`` gives the default suite (with ``full=True``: also the larger
+    rows). :class:`Row` objects in the list pass through (custom rows).
+    Unknown names raise ``ValueError``.
     """
     if patterns is None:
-        return [r for r in ROWS.values() if r.default]
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
+        return [r for r in ROWS.values() if r.default or (full and r.full)]
+    if isinstance(patterns, (str, Row)):
+        patterns = [patterns]
+    names = []
+    for p in patterns:
+        names += [p] if isinstance(p, Row) else [q.strip() for q in p.split(",") if q.strip()]
     out = []
-    for pat in (p.strip() for p in patterns):
-        hits = [r for name, r in ROWS.items() if fnmatch.fnmatchcase(name, pat)]
+    for pat in names:
+        if isinstance(pat, Row):
+            hits = [pat]
+        else:
+            hits = [r for name, r in ROWS.items() if fnmatch.fnmatchcase(name, pat)]
         if not hits:
             raise ValueError(f"shapes: unknown row {pat!r}; known rows: {', '.join(ROWS)}")
         out += [r for r in hits if r not in out]
     return out
+
+
+def custom_row(shape, preset="mixtral"):
+    """A :class:`Row` from ``"T,E,k,H,F"`` (token count, experts, top-k, hidden, expert width).
+
+    ``preset`` names the ``MoEConfig`` family (:data:`PRESETS`); the other
+    options are that preset's defaults (DeepSeek-V3: 8 groups keep 4 when
+    ``E`` is a multiple of 8, one shared expert of width ``F``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    parts = shape.split(",") if isinstance(shape, str) else list(shape)
+    try:
+        T, E, k, H, F = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be five integers T,E,k,H,F, got {shape!r}") from None
+    if min(T, E, k, H, F) < 1:
+        raise ValueError(f"shape: every size must be positive, got {shape!r}")
+    options = ()
+    if preset == "deepseek_v3":
+        options = ((("n_groups", 8), ("topk_groups", 4)) if E % 8 == 0 else
+                   (("n_groups", 1), ("topk_groups", None)))
+        options += (("shared_expert_dim", F),)
+    return Row(f"{preset}-T{T}-E{E}-k{k}-H{H}-F{F}", preset, T, E, k, H, F, options,
+               default=False)
 
 
 def build_config(row):
@@ -118,54 +160,197 @@ def layer_flops(layer, T):
 
 
 def expert_bytes(layer):
-    """Bytes of one routed expert's weights (and biases)."""
+    """Bytes of one routed expert's weights (and biases), in their storage dtype
+    (int8 weights: values and scales)."""
     total = 0
     for name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
         a = getattr(layer, name)
         if a is not None:
-            total += a[0].nbytes
+            total += a.nbytes // a.shape[0]
     return total
 
 
 # ------------------------------------------------------------------ timing
-def measure(fn, *, repeat=None, budget=2.0, min_runs=3, max_runs=100, warmup=True):
-    """Median wall time of ``fn()`` in seconds.
+#: Shortest timed sample: calls shorter than this are batched, several per sample,
+#: so every sample is at least a thousand times the clock's resolution.
+MIN_SAMPLE_S = max(1e-3, 1000 * time.get_clock_info("perf_counter").resolution)
+
+#: Relative spread ``(q3 - q1) / median`` above which a timing is flagged as noisy.
+NOISY_IQR = 0.10
+
+
+class Timing(NamedTuple):
+    """Wall time of one call, from :func:`time_calls`: spread over the samples.
+
+    Each sample times ``calls`` back-to-back calls and is divided by
+    ``calls``; ``runs`` samples were taken. ``result`` is the last call's
+    return value.
+    """
+
+    median: float
+    min: float
+    q1: float
+    q3: float
+    max: float
+    runs: int
+    calls: int
+    result: object = None
+
+    def spread(self):
+        """The JSON-ready summary: ``min, q1, median, q3, max`` (seconds), ``runs``, ``calls``."""
+        return dict(min=self.min, q1=self.q1, median=self.median, q3=self.q3, max=self.max,
+                    runs=self.runs, calls=self.calls)
+
+    @property
+    def noisy(self):
+        """True when the inter-quartile range exceeds :data:`NOISY_IQR` of the median."""
+        return self.runs >= 3 and (self.q3 - self.q1) > NOISY_IQR * self.median
+
+
+def time_calls(fn, *, repeat=None, budget=2.0, min_runs=3, max_runs=100, warmup=True,
+               min_sample=MIN_SAMPLE_S):
+    """Time ``fn()``: quartiles of several samples, short calls batched per sample.
 
     One untimed warm-up call (JIT compilation, first-touch page faults)
-    unless ``warmup=False``; then ``repeat`` timed calls, or when ``repeat``
-    is None as many as fit in ``budget`` seconds, clamped to
-    ``[min_runs, max_runs]``. Returns ``(median, runs, last result)``.
+    unless ``warmup=False``. Calls faster than ``min_sample`` seconds are
+    batched: the batch grows (calibration, untimed) until one batch lasts
+    ``min_sample``, and every sample times such a batch, so the clock's
+    resolution and the timer's own cost stay negligible. Then ``repeat``
+    samples, or when ``repeat`` is None as many as fit in ``budget``
+    seconds, clamped to ``[min_runs, max_runs]``.
+
+    Returns
+    -------
+    Timing
+        Seconds per call: median, min, quartiles, max; samples and calls per sample.
     """
     result = fn() if warmup else None
-    samples = []
-    while True:
+    calls, samples = 1, []
+    while True:                 # calibrate: grow the batch until one sample lasts min_sample
         t0 = time.perf_counter()
-        result = fn()
-        samples.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            result = fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample:
+            break
+        calls = min(10 * calls, int(np.ceil(1.2 * calls * min_sample / max(elapsed, 1e-9))))
+    if calls == 1:
+        samples.append(elapsed)     # a long call: the calibration call is the first sample
+    per_sample = elapsed
+    while True:
         if repeat is None:
-            want = min(max(min_runs, int(budget / max(samples[0], 1e-9))), max_runs)
+            want = min(max(min_runs, int(budget / max(per_sample, 1e-9))), max_runs)
         else:
             want = repeat
         if len(samples) >= want:
-            return statistics.median(samples), len(samples), result
+            break
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            result = fn()
+        samples.append((time.perf_counter() - t0) / calls)
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    return Timing(float(med), float(min(samples)), float(q1), float(q3), float(max(samples)),
+                  len(samples), calls, result)
+
+
+def measure(fn, *, repeat=None, budget=2.0, min_runs=3, max_runs=100, warmup=True):
+    """Median wall time of ``fn()`` in seconds: ``(median, samples, last result)``.
+
+    A short form of :func:`time_calls` (same arguments), which also gives the spread.
+    """
+    t = time_calls(fn, repeat=repeat, budget=budget, min_runs=min_runs, max_runs=max_runs,
+                   warmup=warmup)
+    return t.median, t.runs, t.result
 
 
 def blas_gflops(dtype=np.float32, n=2048, repeat=None, budget=1.0):
-    """Measured GEMM rate of NumPy's BLAS: ``np.matmul`` of two ``n x n`` matrices."""
+    """Measured GEMM rate of NumPy's BLAS: ``np.matmul`` of two ``n x n`` matrices.
+
+    The rate at the fastest sample (the roof this machine can reach). 16-bit
+    dtypes are measured in float32 (NumPy's BLAS has no 16-bit GEMM).
+    """
+    dt = np.dtype(dtype)
+    if dt.itemsize < 4:
+        dt = np.dtype(np.float32)
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(dtype)
-    b = rng.standard_normal((n, n)).astype(dtype)
-    out = np.empty((n, n), dtype)
-    t, _, _ = measure(lambda: np.matmul(a, b, out=out), repeat=repeat, budget=budget)
-    return 2.0 * n ** 3 / t / 1e9
+    a = rng.standard_normal((n, n)).astype(dt)
+    b = rng.standard_normal((n, n)).astype(dt)
+    out = np.empty((n, n), dt)
+    t = time_calls(lambda: np.matmul(a, b, out=out), repeat=repeat, budget=budget)
+    return 2.0 * n ** 3 / t.min / 1e9
 
 
 def memory_bandwidth(nbytes=256 << 20, repeat=None, budget=1.0):
-    """Bytes per second of a large ``np.copyto`` (bytes read + bytes written)."""
+    """Bytes per second of a large ``np.copyto`` (bytes read + bytes written), fastest sample."""
     src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
-    t, _, _ = measure(lambda: np.copyto(dst, src), repeat=repeat, budget=budget)
-    return 2.0 * src.nbytes / t
+    t = time_calls(lambda: np.copyto(dst, src), repeat=repeat, budget=budget)
+    return 2.0 * src.nbytes / t.min
+
+
+@driver(fastmath=True)
+def _read_pass(a, chunks):
+    """Sum of ``a`` in ``chunks`` parallel chunks: reads every byte once, writes nothing."""
+    n = a.size
+    step = (n + chunks - 1) // chunks
+    part = np.zeros(chunks, dtype=np.float32)
+    for c in prange(chunks):
+        s = np.float32(0.0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        part[c] = s
+    return part.sum()
+
+
+def read_bandwidth(nbytes=256 << 20, repeat=None, budget=1.0):
+    """Bytes per second read by a parallel read-only pass (a Numba ``prange`` sum).
+
+    The ceiling for memory-bound decode, which reads weights and writes
+    little; ``np.copyto`` (read + write) understates it. The array is much
+    larger than the caches; the rate is that of the fastest sample.
+    """
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    chunks = 8 * max(1, numba.get_num_threads())
+    t = time_calls(lambda: _read_pass(a, chunks), repeat=repeat, budget=budget)
+    return a.nbytes / t.min
+
+
+def machine_load():
+    """``(1-minute load average, cores)``; the load is None where the OS has none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        return os.getloadavg()[0], cores
+    except (AttributeError, OSError):
+        return None, cores
+
+
+def noise_warnings(rows, keys, load_before=None, load_after=None, threads=None):
+    """Lines warning that figures may be noisy: wide spreads, a loaded machine.
+
+    ``rows`` carry ``<key>_spread`` dicts (from :meth:`Timing.spread`) for
+    the timing ``keys``; ``load_before``/``load_after`` are
+    :func:`machine_load` results around the measurement.
+    """
+    out = []
+    for r in rows:
+        wide = []
+        for key in keys:
+            sp = r.get(key[:-2] + "_spread")
+            if sp and sp["runs"] >= 3 and sp["q3"] - sp["q1"] > NOISY_IQR * sp["median"]:
+                wide.append(f"{key[:-2]} {100 * (sp['q3'] - sp['q1']) / sp['median']:.0f}%")
+        if wide:
+            out.append(f"{_row_label(r, None)}: noisy timings, spread (IQR/median) "
+                       f"{', '.join(wide)}")
+    for when, load in (("before", load_before), ("after", load_after)):
+        if load is None or load[0] is None:
+            continue
+        la, cores = load
+        # the bench itself keeps up to `threads` cores busy while it runs
+        own = 0 if when == "before" else (threads or cores)
+        if la > own + 0.25 * cores:
+            out.append(f"machine load {la:.2f} {when} the run on {cores} cores: other jobs "
+                       f"were running, figures are noisy")
+    return out
 
 
 def rel_err(y, ref):
@@ -204,28 +389,46 @@ def _torch_threads(torch, n):
 
 
 # ------------------------------------------------- Hugging Face equivalents
+def _dense(a):
+    """A weight as a NumPy array (int8 weights dequantized to float32)."""
+    return a if a is None or isinstance(a, np.ndarray) else np.asarray(a, dtype=np.float32)
+
+
+def _tensor(torch, a, dtype):
+    """A torch tensor holding ``a`` in ``dtype`` (bfloat16 through its int16 bits)."""
+    dt = np.dtype(dtype)
+    a = np.ascontiguousarray(_dense(a), dtype=dt)
+    if dt == BFLOAT16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _param(torch, a, dtype):
-    return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)),
-                              requires_grad=False)
+    return torch.nn.Parameter(_tensor(torch, a, dtype), requires_grad=False)
 
 
 def _glu_experts(torch, experts, layer, dtype):
     """Copy w_gate/w_up/w_down into HF's [E, 2F, H] / [E, H, F] expert tensors."""
     F = layer.config.expert_dim
     gate_up = np.empty((layer.config.num_experts, 2 * F, layer.config.hidden_dim), dtype)
-    gate_up[:, :F], gate_up[:, F:] = layer.w_gate.transpose(0, 2, 1), layer.w_up.transpose(0, 2, 1)
+    gate_up[:, :F] = _dense(layer.w_gate).transpose(0, 2, 1)
+    gate_up[:, F:] = _dense(layer.w_up).transpose(0, 2, 1)
     experts.gate_up_proj = _param(torch, gate_up, dtype)
-    experts.down_proj = _param(torch, layer.w_down.transpose(0, 2, 1), dtype)
+    del gate_up
+    experts.down_proj = _param(torch, _dense(layer.w_down).transpose(0, 2, 1), dtype)
 
 
 def hf_block(layer, family, dtype=np.float32):
     """The Hugging Face transformers MoE block equivalent to ``layer``, same weights.
 
+    ``dtype`` is the torch precision of the block (float16, bfloat16,
+    float32 or float64; DeepSeek-V3's router stays float32, as in HF).
     Returns ``(module, call)``; ``call(x)`` maps a ``[T, H]`` torch tensor
     to the ``[T, H]`` output. Raises ``ImportError`` without transformers
     and ``ValueError`` for a preset without an HF equivalent here.
     """
     import torch
+    dtype = as_float_dtype("dtype", dtype)
     cfg = layer.config
     E, k, H, F = cfg.num_experts, cfg.top_k, cfg.hidden_dim, cfg.expert_dim
     sizes = dict(hidden_size=H, num_experts_per_tok=k)
@@ -272,10 +475,11 @@ def hf_block(layer, family, dtype=np.float32):
         block.router.bias = _param(torch, layer.router_bias, dtype)
         ex = block.experts
         gate_up = np.empty((E, H, 2 * F), dtype)   # gpt-oss interleaves gate and up columns
-        gate_up[..., 0::2], gate_up[..., 1::2] = layer.w_gate, layer.w_up
+        gate_up[..., 0::2], gate_up[..., 1::2] = _dense(layer.w_gate), _dense(layer.w_up)
         bias = np.empty((E, 2 * F), dtype)
         bias[:, 0::2], bias[:, 1::2] = layer.b_gate, layer.b_up
         ex.gate_up_proj = _param(torch, gate_up, dtype)
+        del gate_up
         ex.gate_up_proj_bias = _param(torch, bias, dtype)
         ex.down_proj = _param(torch, layer.w_down, dtype)
         ex.down_proj_bias = _param(torch, layer.b_down, dtype)
@@ -297,7 +501,8 @@ def hf_available():
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        return f"transformers/torch not installed ({exc.name})"
+        return (f"{exc.name} is not installed: the HF columns need the parity extra, "
+                f'pip install -e ".[parity]"')
     return None
 
 
@@ -311,11 +516,61 @@ def _has_grouped_mm():
 
 
 # ------------------------------------------------------------ layer suite
+#: Largest ``rel_err`` against the float64 reference (on the same rounded
+#: inputs and weights) that passes, per activation dtype: a few units of the
+#: dtype's rounding, summed over the layer's dot products.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+
+#: Weight storage choices of ``numoe bench --weights``.
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8")
+
+
+def build_layer(row, dtype="float32", weights=None, seed=0):
+    """The random layer of a registry row: activations ``dtype``, experts stored as ``weights``.
+
+    ``weights`` (default: as ``dtype``) is a float dtype name or ``"int8"``
+    (weight-only quantization). Built with ``MoELayer.random(cfg, seed,
+    dtype=..., weight_dtype=...)`` and ``layer.astype(weight_dtype=...)``;
+    raises ``ValueError`` saying so when this numoe lacks them.
+    """
+    cfg = build_config(row)
+    dt = as_float_dtype("dtype", dtype)
+    wname = None if weights in (None, dt.name) else str(weights)
+    if wname is not None and wname not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    try:
+        if wname is None or wname == "int8":
+            layer = numoe.MoELayer.random(cfg, seed=seed, dtype=dt)
+        else:
+            layer = numoe.MoELayer.random(cfg, seed=seed, dtype=dt, weight_dtype=wname)
+        if wname == "int8":
+            layer = layer.astype(weight_dtype="int8")
+    except (TypeError, AttributeError) as exc:
+        what = dt.name if wname is None else f"{dt.name} activations with {wname} weights"
+        raise ValueError(f"this numoe cannot build a layer of {what}: {exc} (needs "
+                         f"MoELayer.random(..., dtype=, weight_dtype=) and layer.astype)") from exc
+    return layer
+
+
+def weight_dtype_name(layer):
+    """The storage of the layer's expert weights: a dtype name or ``"int8"``."""
+    w = layer.w_down
+    return "int8" if not isinstance(w, np.ndarray) else np.dtype(w.dtype).name
+
+
+def _reference_kw(layer):
+    """Keyword arguments of :func:`numoe.reference.moe_forward` (int8 weights dequantized)."""
+    kw = dict(layer.weights(), top_k=layer.config.top_k)
+    for name in ("w_gate", "w_up", "w_down"):
+        kw[name] = _dense(kw[name])
+    return kw
+
+
 def _time_hf(layer, family, x, ref, dtype, repeat, budget, notes):
-    """HF eager and grouped_mm times, and the larger of their errors."""
+    """HF eager and grouped_mm timings, and the larger of their errors."""
     torch = _torch()
     block, call = hf_block(layer, family, dtype)
-    xt = torch.from_numpy(x)
+    xt = _tensor(torch, x, dtype)
     times, err = {}, None
     impls = ["eager"] + (["grouped_mm"] if _has_grouped_mm() else [])
     if "grouped_mm" not in impls:
@@ -324,87 +579,112 @@ def _time_hf(layer, family, x, ref, dtype, repeat, budget, notes):
         for impl in impls:
             block.experts.config._experts_implementation = impl
             try:
-                t, _, y = measure(lambda: call(xt), repeat=repeat, budget=budget, min_runs=2)
+                t = time_calls(lambda: call(xt), repeat=repeat, budget=budget, min_runs=2)
             except (RuntimeError, ValueError) as exc:   # e.g. grouped_mm has no float64 kernel
                 notes.append(f"HF {impl}: {str(exc).splitlines()[0]}")
                 continue
             times[impl] = t
-            e = rel_err(y.numpy(), ref)
+            e = rel_err(t.result.float().numpy() if t.result.dtype != torch.float64
+                        else t.result.numpy(), ref)
             err = e if err is None else max(err, e)
     return times.get("eager"), times.get("grouped_mm"), err
 
 
-def run_layer_suite(shapes=None, *, threads=None, dtype="float32", repeat=None, budget=2.0,
-                    hf=True, progress=None):
+def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None, repeat=None,
+                    budget=2.0, hf=True, full=False, progress=None):
     """Time whole MoE layers (registry rows) against the reference and HF transformers.
 
     Parameters
     ----------
-    shapes : list of str or str, optional
-        Registry row names or shell patterns (:data:`ROWS`); default: the
-        default suite.
+    shapes : list of str or Row, or str, optional
+        Registry row names or shell patterns (:data:`ROWS`), or custom rows
+        (:func:`custom_row`); default: the default suite.
     threads : int, optional
         Numba and PyTorch threads (default: leave as set).
-    dtype : {"float32", "float64"}
+    dtype : {"float32", "float64", "bfloat16", "float16"}
+        Activations (and HF's torch precision).
+    weights : {None, "bfloat16", "float16", "float32", "float64", "int8"}
+        Storage of the expert weights (default: as ``dtype``).
     repeat : int, optional
-        Timed calls per measurement; default: as many as fit ``budget``
+        Timed samples per measurement; default: as many as fit ``budget``
         seconds (at least 3; at least 1 for the slow NumPy reference).
     hf : bool
         Also time the Hugging Face transformers block when installed.
+    full : bool
+        With ``shapes=None``: the larger rows too (several GB of weights each).
     progress : bool or callable
         ``True`` prints one line per row to stderr.
 
     Returns
     -------
     rows : list of dict
-        Per row: sizes, ``rel_err`` (numoe vs the float64 reference),
-        ``numoe_s``, ``tokens_per_s``, ``gflops``, ``pct_blas``, ``ref_s``,
-        ``hf_eager_s``, ``hf_grouped_s``, ``hf_err``, ``speedup`` (HF best /
-        numoe), ``notes``.
+        Per row: sizes, ``dtype``, ``weights``, ``rel_err`` (numoe vs the
+        float64 reference on the same rounded weights), ``tol`` and
+        ``check`` (``"PASS"``/``"FAIL"``), ``numoe_s`` (median) and
+        ``numoe_spread`` (min, quartiles, max, samples), ``tokens_per_s``,
+        ``gflops``, ``pct_blas`` (against the better of two BLAS GEMM rates
+        measured before and after the rows), ``ref_s``, ``hf_eager_s``,
+        ``hf_grouped_s`` (each with its ``_spread``), ``hf_err``,
+        ``ref_speedup`` (reference / numoe), ``speedup`` (HF best / numoe:
+        above 1, numoe is faster), ``peak_rss_mib``, ``notes``.
     """
-    dtype = np.dtype(dtype).type
+    dt = as_float_dtype("dtype", dtype)
     say = _reporter(progress)
-    rows = select_rows(shapes)
-    hf_reason = hf_available() if hf else "not requested"
+    rows = select_rows(shapes, full=full)
+    hf_reason = hf_available() if hf else "not requested (--no-hf)"
     torch = _torch() if hf_reason is None else None
     out = []
     with numba_threads(threads), _torch_threads(torch, threads):
-        say(f"measuring the BLAS {np.dtype(dtype).name} GEMM rate (2048^3 np.matmul) ...")
-        peak = blas_gflops(dtype, repeat=repeat)
+        say(f"measuring the BLAS {compute_dtype(dt).name} GEMM rate (2048^3 np.matmul) ...")
+        before = blas_gflops(dt, repeat=repeat)
         for i, row in enumerate(rows, 1):
             t_row = time.perf_counter()
             say(f"[{i}/{len(rows)}] {row.name}: T={row.T} E={row.E} k={row.k} "
                 f"H={row.H} F={row.F} ...")
-            res = _layer_row(row, dtype, repeat, budget, hf_reason, peak)
-            res["threads"] = threads
+            res = _layer_row(row, dt, weights, repeat, budget, hf_reason)
+            res["threads"] = numba.get_num_threads()
             out.append(res)
-            best = "n/a" if res["speedup"] is None else f"{res['speedup']:.2f}x vs HF"
-            say(f"    numoe {res['numoe_s'] * 1e3:.2f} ms, err {res['rel_err']:.1e}, "
-                f"{best}  ({time.perf_counter() - t_row:.0f} s)")
+            best = "n/a" if res["speedup"] is None else f"{res['speedup']:.2f}x HF's best"
+            say(f"    numoe {res['numoe_s'] * 1e3:.2f} ms, err {res['rel_err']:.1e} "
+                f"{res['check']}, speedup {best}  ({time.perf_counter() - t_row:.0f} s)")
+        say("measuring the BLAS GEMM rate again ...")
+        after = blas_gflops(dt, repeat=repeat)
+    peak = max(before, after)
+    for res in out:
+        res.update(blas_gflops=peak, blas_gflops_before=before, blas_gflops_after=after,
+                   pct_blas=100.0 * res["gflops"] / peak)
     return out
 
 
-def _layer_row(row, dtype, repeat, budget, hf_reason, peak_gflops):
-    layer = numoe.MoELayer.random(build_config(row), seed=0, dtype=dtype)
-    x = np.random.default_rng(1).standard_normal((row.T, row.H)).astype(dtype)
-    kw = dict(layer.weights(), top_k=layer.config.top_k)   # numoe.reference.moe_forward
-    t_ref, n_ref, ref = measure(lambda: reference.moe_forward(x, **kw), repeat=repeat,
-                                budget=budget, min_runs=1, max_runs=10, warmup=False)
-    t, n, y = measure(lambda: layer(x), repeat=repeat, budget=budget)
+def _layer_row(row, dt, weights, repeat, budget, hf_reason):
+    layer = build_layer(row, dt, weights)
+    x = np.random.default_rng(1).standard_normal((row.T, row.H)).astype(dt)
+    t_ref = time_calls(lambda: reference.moe_forward(x, **_reference_kw(layer)), repeat=repeat,
+                       budget=budget, min_runs=1, max_runs=10, warmup=False)
+    ref = t_ref.result
+    t = time_calls(lambda: layer(x), repeat=repeat, budget=budget)
     flops = layer_flops(layer, row.T)
+    err = rel_err(t.result, ref)
+    tol = TOLERANCE[dt.name]
     res = dict(name=row.name, preset=row.preset, T=row.T, E=row.E, k=row.k, H=row.H,
-               F=row.F, dtype=np.dtype(dtype).name, rel_err=rel_err(y, ref), numoe_s=t,
-               numoe_runs=n, tokens_per_s=row.T / t, gflops=flops / t / 1e9,
-               pct_blas=100.0 * flops / t / 1e9 / peak_gflops, blas_gflops=peak_gflops,
-               ref_s=t_ref, ref_runs=n_ref, hf_eager_s=None, hf_grouped_s=None,
+               F=row.F, dtype=dt.name, weights=weight_dtype_name(layer), rel_err=err, tol=tol,
+               check="PASS" if err <= tol else "FAIL",
+               numoe_s=t.median, numoe_spread=t.spread(), numoe_runs=t.runs,
+               tokens_per_s=row.T / t.median, gflops=flops / t.median / 1e9,
+               ref_s=t_ref.median, ref_spread=t_ref.spread(), ref_runs=t_ref.runs,
+               ref_speedup=t_ref.median / t.median, hf_eager_s=None, hf_grouped_s=None,
                hf_err=None, speedup=None, notes=[])
     if hf_reason is not None:
         res["notes"].append(f"HF: {hf_reason}")
     else:
-        e, g, err = _time_hf(layer, row.preset, x, ref, dtype, repeat, budget, res["notes"])
-        res.update(hf_eager_s=e, hf_grouped_s=g, hf_err=err)
-        best = min((v for v in (e, g) if v is not None), default=None)
-        res["speedup"] = None if best is None else best / t
+        e, g, hf_err = _time_hf(layer, row.preset, x, ref, dt, repeat, budget, res["notes"])
+        for key, tm in (("hf_eager", e), ("hf_grouped", g)):
+            if tm is not None:
+                res[key + "_s"], res[key + "_spread"] = tm.median, tm.spread()
+        res["hf_err"] = hf_err
+        best = min((tm.median for tm in (e, g) if tm is not None), default=None)
+        res["speedup"] = None if best is None else best / t.median
+    res["peak_rss_mib"] = peak_rss_mib()
     return res
 
 
@@ -432,7 +712,8 @@ def run_routing_suite(T=65536, experts=(8, 64, 256), ks=(2, 8), *, H=2048, threa
     :func:`numoe.dispatch_plan`; :func:`numoe.permute` and
     :func:`numoe.unpermute` of ``[T, H]`` activations vs ``np.copyto`` of
     the same ``[T*k, H]`` bytes (all outputs preallocated, ``out=``, so
-    no page faults are timed). Where ``T*k*H`` values take more than
+    no page faults are timed; the copy is timed before and after the
+    permutes and the faster kept). Where ``T*k*H`` values take more than
     ``max_bytes`` the activation width is reduced (column ``H``) so the
     copy stays the same size.
 
@@ -440,10 +721,11 @@ def run_routing_suite(T=65536, experts=(8, 64, 256), ks=(2, 8), *, H=2048, threa
     -------
     rows : list of dict
         ``E, k, H, route_s, ref_route_s, torch_route_s, ref_ratio,
-        torch_ratio, experts_equal, plan_s, permute_s, unpermute_s, copy_s,
-        permute_vs_copy, plan_pct_of_permute``.
+        torch_ratio, experts_equal, check, plan_s, permute_s, unpermute_s,
+        copy_s, permute_vs_copy, plan_pct_of_permute``; every ``*_s`` time
+        (median) has a ``*_spread`` (min, quartiles, max, samples).
     """
-    dtype = np.dtype(dtype).type
+    dtype = as_float_dtype("dtype", dtype)
     say = _reporter(progress)
     torch = _torch()
     rng = np.random.default_rng(0)
@@ -454,79 +736,110 @@ def run_routing_suite(T=65536, experts=(8, 64, 256), ks=(2, 8), *, H=2048, threa
             for k in ks:
                 say(f"routing T={T} E={E} k={k} ...")
                 out.append(_routing_row(logits, k, H, dtype, torch, repeat, budget, max_bytes))
+                out[-1]["threads"] = numba.get_num_threads()
     return out
 
 
 def _routing_row(logits, k, H, dtype, torch, repeat, budget, max_bytes):
     T, E = logits.shape
-    t_route, _, r = measure(lambda: numoe.route(logits, k), repeat=repeat, budget=budget)
-    t_ref, _, rr = measure(lambda: reference.route(logits, k), repeat=repeat, budget=budget,
-                           min_runs=1, max_runs=10, warmup=False)
-    t_torch = None
-    if torch is not None:
+    res = dict(T=T, E=E, k=k, dtype=np.dtype(dtype).name, torch_route_s=None)
+
+    def timed(key, fn, **kw):
+        t = time_calls(fn, repeat=repeat, budget=budget, **kw)
+        res[key + "_s"], res[key + "_spread"] = t.median, t.spread()
+        return t.result
+
+    r = timed("route", lambda: numoe.route(logits, k))
+    rr = timed("ref_route", lambda: reference.route(logits, k), min_runs=1, max_runs=10,
+               warmup=False)
+    if torch is not None and dtype != BFLOAT16:
         lt = torch.from_numpy(logits)
         with torch.inference_mode():
-            t_torch, _, _ = measure(lambda: _torch_route(torch, lt, k), repeat=repeat,
-                                    budget=budget)
-    t_plan, _, plan = measure(lambda: numoe.dispatch_plan(r.experts, E), repeat=repeat,
-                              budget=budget)
+            timed("torch_route", lambda: _torch_route(torch, lt, k))
+    plan = timed("plan", lambda: numoe.dispatch_plan(r.experts, E))
     itemsize = np.dtype(dtype).itemsize
     h = int(min(H, max(1, max_bytes // (T * k * itemsize))))
     x = np.random.default_rng(2).standard_normal((T, h)).astype(dtype)
     xs, y = np.empty((plan.order.size, h), dtype), np.empty_like(x)   # outputs allocated once
-    t_perm, _, _ = measure(lambda: numoe.permute(x, plan, out=xs), repeat=repeat, budget=budget)
-    t_unperm, _, _ = measure(lambda: numoe.unpermute(xs, plan, r.weights, out=y),
-                             repeat=repeat, budget=budget)
     dst = np.empty_like(xs)
-    t_copy, _, _ = measure(lambda: np.copyto(dst, xs), repeat=repeat, budget=budget)
-    return dict(T=T, E=E, k=k, H=h, dtype=np.dtype(dtype).name, route_s=t_route,
-                ref_route_s=t_ref, torch_route_s=t_torch, ref_ratio=t_ref / t_route,
-                torch_ratio=None if t_torch is None else t_torch / t_route,
-                experts_equal=bool(np.array_equal(r.experts, rr.experts)),
-                plan_s=t_plan, permute_s=t_perm, unpermute_s=t_unperm, copy_s=t_copy,
-                permute_vs_copy=t_perm / t_copy, plan_pct_of_permute=100.0 * t_plan / t_perm)
+    copy1 = time_calls(lambda: np.copyto(dst, xs), repeat=repeat, budget=budget)
+    timed("permute", lambda: numoe.permute(x, plan, out=xs))
+    timed("unpermute", lambda: numoe.unpermute(xs, plan, r.weights, out=y))
+    copy2 = time_calls(lambda: np.copyto(dst, xs), repeat=repeat, budget=budget)
+    copy = min(copy1, copy2, key=lambda t: t.median)
+    equal = bool(np.array_equal(r.experts, rr.experts))
+    res.update(H=h, copy_s=copy.median, copy_spread=copy.spread(),
+               ref_ratio=res["ref_route_s"] / res["route_s"],
+               torch_ratio=(None if res["torch_route_s"] is None
+                            else res["torch_route_s"] / res["route_s"]),
+               experts_equal=equal, check="PASS" if equal else "FAIL",
+               permute_vs_copy=res["permute_s"] / copy.median,
+               plan_pct_of_permute=100.0 * res["plan_s"] / res["permute_s"])
+    return res
 
 
 # ---------------------------------------------------------- latency suite
 def run_latency_suite(shape="olmoe-T512", tokens=LATENCY_TOKENS, *, threads=None,
-                      dtype="float32", budget=3.0, min_calls=20, max_calls=5000,
+                      dtype="float32", weights=None, budget=3.0, min_calls=20, max_calls=5000,
                       bandwidth_bytes=256 << 20, progress=None):
     """Per-call latency of decode-sized batches on one layer shape.
 
-    For each token count, calls the layer back to back (``budget`` seconds,
-    ``min_calls``..``max_calls`` calls) and reports p50/p95/p99 latency,
-    tokens/s at the median, and the floor: the time to read the weights of
-    the experts this batch touches (plus the router) once at the memory
-    bandwidth measured by an ``np.copyto`` of ``bandwidth_bytes`` (much
-    larger than the caches).
+    For each token count ``T``, calls the layer back to back (``budget``
+    seconds, ``min_calls``..``max_calls`` calls), each call on fresh
+    tokens (a new ``[T, H]`` batch drawn from a pool, so each call routes
+    to different experts, as in decoding), and reports p50/p95/p99
+    latency, tokens/s at the median, and the floor: the time to read, once,
+    the weights of the experts those calls touch (on average; in their
+    storage dtype) plus the router, at the bandwidth of a parallel
+    read-only pass over ``bandwidth_bytes`` (:func:`read_bandwidth`,
+    measured before and after; the faster kept). Rows are named
+    ``<shape family>-T<T>``.
     """
-    dtype = np.dtype(dtype).type
+    dt = as_float_dtype("dtype", dtype)
     say = _reporter(progress)
-    (row,) = select_rows([shape]) if isinstance(shape, str) else (shape,)
-    layer = numoe.MoELayer.random(build_config(row), seed=0, dtype=dtype)
+    rows = select_rows(shape)
+    if len(rows) != 1:
+        raise ValueError(f"shape: the latency suite runs one layer shape, got {len(rows)}")
+    row = rows[0]
+    layer = build_layer(row, dt, weights)
+    family = row.name.rsplit("-T", 1)[0]
+    rng = np.random.default_rng(0)
     out = []
     with numba_threads(threads):
-        say(f"measuring memory bandwidth (np.copyto of {bandwidth_bytes >> 20} MiB) ...")
-        bw = memory_bandwidth(bandwidth_bytes)
+        say(f"measuring read bandwidth (parallel read of {bandwidth_bytes >> 20} MiB) ...")
+        bw_before = read_bandwidth(bandwidth_bytes)
         for T in tokens:
-            say(f"latency {row.name} T={T} ...")
-            x = np.random.default_rng(T).standard_normal((T, row.H)).astype(dtype)
-            _, info = layer.forward(x, return_info=True)           # also the warm-up
-            touched = int(np.unique(np.asarray(info["routing"].experts)).size)
-            nbytes = touched * expert_bytes(layer) + layer.router.nbytes
-            lat = []
+            say(f"latency {family} T={T} ...")
+            pool = rng.standard_normal((64, T, row.H)).astype(dt)   # fresh tokens per call
+            layer(pool[-1])                                              # warm-up
+            lat, touched = [], []
             t_end = time.perf_counter() + budget
             while len(lat) < max_calls and (len(lat) < min_calls or time.perf_counter() < t_end):
+                x = pool[len(lat) % len(pool)]
                 t0 = time.perf_counter()
                 layer(x)
                 lat.append(time.perf_counter() - t0)
+            for x in pool[:16]:     # experts touched per call, outside the timed loop
+                info = layer.forward(x, return_info=True)[1]
+                touched.append(np.unique(np.asarray(info["routing"].experts)).size)
+            n_touched = float(np.mean(touched))
+            nbytes = n_touched * expert_bytes(layer) + layer.router.nbytes
             p50, p95, p99 = np.percentile(lat, [50, 95, 99])
-            floor = nbytes / bw
-            out.append(dict(shape=row.name, T=T, E=row.E, k=row.k, H=row.H, F=row.F,
-                            dtype=np.dtype(dtype).name, calls=len(lat), p50_s=p50, p95_s=p95,
-                            p99_s=p99, tokens_per_s=T / p50, touched_experts=touched,
-                            weight_bytes=nbytes, bandwidth_gbs=bw / 1e9, floor_s=floor,
-                            p50_over_floor=p50 / floor))
+            out.append(dict(shape=f"{family}-T{T}", registry_row=row.name, T=T, E=row.E,
+                            k=row.k, H=row.H, F=row.F, dtype=dt.name,
+                            weights=weight_dtype_name(layer), calls=len(lat),
+                            min_s=float(min(lat)), p50_s=p50, p95_s=p95, p99_s=p99,
+                            max_s=float(max(lat)), tokens_per_s=T / p50,
+                            touched_experts=n_touched, weight_bytes=nbytes,
+                            threads=numba.get_num_threads()))
+        say("measuring read bandwidth again ...")
+        bw_after = read_bandwidth(bandwidth_bytes)
+    bw = max(bw_before, bw_after)
+    for res in out:
+        floor = res["weight_bytes"] / bw
+        res.update(bandwidth_gbs=bw / 1e9, bandwidth_gbs_before=bw_before / 1e9,
+                   bandwidth_gbs_after=bw_after / 1e9, floor_s=floor,
+                   p50_over_floor=res["p50_s"] / floor, peak_rss_mib=peak_rss_mib())
     return out
 
 
@@ -553,18 +866,20 @@ print(json.dumps(dict(import_s=t1 - t0, first_forward_s=t3 - t2, second_forward_
 def run_startup(shape="seed-32x512x1024", *, dtype="float32", warm_runs=3, progress=None):
     """``import numoe`` and the first forward, in fresh processes.
 
-    ``cold``: an empty ``NUMBA_CACHE_DIR`` (everything compiles); ``warm``:
-    the same directory again (compiled code loads from the cache; median of
-    ``warm_runs`` processes). Layer construction is not counted.
+    ``cold``: an empty ``NUMBA_CACHE_DIR`` (everything compiles; one
+    process); ``warm``: the same directory again (compiled code loads from
+    the cache; median of ``warm_runs`` processes). Layer construction is
+    not counted. Rows: ``mode`` (``"cold"``/``"warm"``), ``cache`` (what
+    that means), times in seconds, ``notes``.
     """
     say = _reporter(progress)
     out = []
     with tempfile.TemporaryDirectory(prefix="numoe-cache-") as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        for mode, runs in (("cold", 1), ("warm", warm_runs)):
+        for mode, runs, what in (("cold", 1, "empty cache: compiles"),
+                                 ("warm", warm_runs, "cache on disk")):
             got = []
-            for _ in range(runs):
-                say(f"startup {mode} ({shape}) ...")
+            for i in range(runs):
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, "-c", _STARTUP_SCRIPT, shape,
                                        np.dtype(dtype).name], env=env, capture_output=True,
@@ -573,8 +888,14 @@ def run_startup(shape="seed-32x512x1024", *, dtype="float32", warm_runs=3, progr
                 if proc.returncode != 0:
                     raise RuntimeError(f"start-up probe failed:\n{proc.stderr[-2000:]}")
                 got.append(dict(_json_last_line(proc.stdout), process_s=wall))
+                say(f"startup {mode} ({what}) run {i + 1}/{runs} on {shape}: import "
+                    f"{got[-1]['import_s']:.2f} s, first forward "
+                    f"{got[-1]['first_forward_s']:.2f} s")
             med = {key: statistics.median(g[key] for g in got) for key in got[0]}
-            out.append(dict(mode=mode, shape=shape, runs=runs, **med))
+            out.append(dict(mode=mode, cache=what, shape=shape, runs=runs, notes=[], **med))
+    if out[0]["first_forward_s"] < 2 * out[1]["first_forward_s"]:
+        out[0]["notes"].append("the cold first forward was not much slower than the warm one: "
+                               "was compilation cached elsewhere?")
     return out
 
 
@@ -584,23 +905,89 @@ def _json_last_line(text):
 
 
 # ------------------------------------------------------------- reporting
-def machine_info():
-    """CPU, core count, versions and date, for the header of every table."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import numba
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=numba.get_num_threads(),
-                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_path():
+    """Which instruction path numoe's 16-bit GEMMs take on this CPU, in words.
+
+    ``"avx512_bf16"`` (bf16 dot products), ``"avx512 fallback"`` /
+    ``"avx2 fallback"`` (16-bit tiles widened to float32 for sgemm) or
+    ``"generic fallback"``. Asks ``numoe._cpu.bf16gemm`` when this numoe
+    has it, else reads the CPU flags.
+    """
+    try:
+        from numoe._cpu import bf16gemm
+    except ImportError:
+        bf16gemm = None
+    for name in ("isa_path", "path_name", "has_avx512_bf16", "has_bf16_dot"):
+        fn = getattr(bf16gemm, name, None)
+        if callable(fn):
+            try:
+                got = fn()
+            except Exception:  # noqa: BLE001 - informational only: fall back to the flags
+                break
+            if isinstance(got, str):
+                return got
+            if isinstance(got, bool):
+                return "avx512_bf16" if got else _fallback_name(cpu_flags())
+    flags = cpu_flags()
+    return "avx512_bf16" if "avx512_bf16" in flags else _fallback_name(flags)
+
+
+def _fallback_name(flags):
+    if "avx512f" in flags:
+        return "avx512 fallback"
+    if "avx2" in flags:
+        return "avx2 fallback"
+    return "generic fallback"
+
+
+def machine_info():
+    """CPU (model, ISA path), cores, threads, load, versions and date, for every table."""
+    load, cores = machine_load()
+    return dict(cpu=cpu_model(), isa=isa_path(), cores=cores, threads=numba.get_num_threads(),
+                load=load, date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                 numoe=numoe.__version__, python=platform.python_version(),
                 numpy=np.__version__, numba=numba.__version__,
                 torch=installed_version("torch"), blas=blas_name())
+
+
+def info():
+    """What ``numoe info`` prints, as a dict: versions, CPU, threads, backends, BLAS.
+
+    Keys: ``numoe``, ``python``, ``versions`` (package -> version or None),
+    ``cpu``, ``isa``, ``cores``, ``threads`` (Numba threads),
+    ``threading_layer``, ``backends``, ``blas``.
+    """
+    m = machine_info()
+    return dict(numoe=numoe.__version__, python=m["python"],
+                versions={name: installed_version(name) for name in (
+                    "numpy", "numba", "scipy", "ml_dtypes", "torch", "transformers")},
+                cpu=m["cpu"], isa=m["isa"], cores=m["cores"], threads=m["threads"],
+                threading_layer=numba.config.THREADING_LAYER, backends=numoe.backends(),
+                blas=m["blas"])
 
 
 def installed_version(package):
@@ -624,7 +1011,9 @@ def blas_name():
 
 def header_line(info):
     """The one-line description of the machine that starts every printed table."""
-    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} threads | {info['date']} | "
+    load = "" if info.get("load") is None else f", load {info['load']:.2f}"
+    return (f"{info['cpu']} ({info.get('isa', '?')}), {info['cores']} cores, "
+            f"{info['threads']} threads{load} | {info['date']} | "
             f"numoe {info['numoe']}, numpy {info['numpy']}, numba {info['numba']}, "
             f"torch {info['torch'] or 'not installed'} | BLAS {info['blas']}")
 
@@ -635,13 +1024,20 @@ def peak_rss_mib(children=False):
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def _fmt(v, kind):
-    """One table cell: ``ms`` seconds shown as milliseconds, ``x`` ratio, ``e`` error,
-    ``%`` percentage, ``f`` number, ``mib`` bytes as MiB, ``s`` as is."""
+def _ms(v):
+    return f"{v * 1e3:.3g}" if v * 1e3 < 100 else f"{v * 1e3:.0f}"
+
+
+def _fmt(v, kind, spread=None):
+    """One table cell: ``ms`` seconds as milliseconds (with ``[min-max]`` when a
+    spread is given), ``x`` ratio, ``e`` error, ``%`` percentage, ``f`` number,
+    ``mib`` bytes as MiB, ``s`` as is."""
     if v is None:
         return "n/a"
     if kind == "ms":
-        return f"{v * 1e3:.3g}" if v * 1e3 < 100 else f"{v * 1e3:.0f}"
+        if spread and spread.get("runs", 1) > 1:
+            return f"{_ms(v)} [{_ms(spread['min'])}-{_ms(spread['max'])}]"
+        return _ms(v)
     if kind == "mib":
         return f"{v / 2**20:.1f}"
     if kind == "x":
@@ -655,92 +1051,222 @@ def _fmt(v, kind):
     return str(v)
 
 
-# (key, column header, format) per suite
+# (key, column header, format) per suite; a "ms" column shows its key's ``_spread``
 COLUMNS = {
     "layers": [("name", "row", "s"), ("T", "T", "s"), ("E", "E", "s"), ("k", "k", "s"),
-               ("H", "H", "s"), ("F", "F", "s"), ("rel_err", "rel err", "e"),
+               ("H", "H", "s"), ("F", "F", "s"), ("storage", "x/weights", "s"),
+               ("rel_err", "rel err", "e"), ("check", "check", "s"),
                ("numoe_s", "numoe ms", "ms"), ("tokens_per_s", "tok/s", "f"),
                ("gflops", "GFLOP/s", "f"), ("pct_blas", "%BLAS", "%"),
-               ("ref_s", "ref ms", "ms"), ("hf_eager_s", "HF eager ms", "ms"),
-               ("hf_grouped_s", "HF grouped ms", "ms"), ("hf_err", "HF err", "e"),
-               ("speedup", "HF best/numoe", "x")],
+               ("ref_s", "ref ms", "ms"), ("ref_speedup", "speedup vs ref", "x"),
+               ("hf_eager_s", "HF eager ms", "ms"),
+               ("hf_grouped_s", "HF grouped_mm ms", "ms"), ("hf_err", "HF err", "e"),
+               ("speedup", "speedup vs HF (>1: numoe faster)", "x")],
     "routing": [("E", "E", "s"), ("k", "k", "s"), ("route_s", "route ms", "ms"),
-                ("ref_route_s", "ref ms", "ms"), ("ref_ratio", "ref/numoe", "x"),
-                ("torch_route_s", "torch ms", "ms"), ("torch_ratio", "torch/numoe", "x"),
+                ("ref_route_s", "ref ms", "ms"), ("ref_ratio", "speedup vs ref", "x"),
+                ("torch_route_s", "torch ms", "ms"),
+                ("torch_ratio", "speedup vs torch (>1: numoe faster)", "x"),
                 ("experts_equal", "= ref", "s"), ("plan_s", "plan ms", "ms"),
                 ("H", "H", "s"), ("permute_s", "permute ms", "ms"),
-                ("unpermute_s", "unpermute ms", "ms"), ("copy_s", "copyto ms", "ms"),
-                ("permute_vs_copy", "permute/copy", "x"),
+                ("unpermute_s", "unpermute ms", "ms"),
+                ("copy_s", "copy floor ms", "ms"),
+                ("permute_vs_copy", "permute/floor", "x"),
                 ("plan_pct_of_permute", "plan % perm", "%")],
-    "latency": [("shape", "layer", "s"), ("T", "T", "s"), ("calls", "calls", "s"),
-                ("p50_s", "p50 ms", "ms"), ("p95_s", "p95 ms", "ms"), ("p99_s", "p99 ms", "ms"),
-                ("tokens_per_s", "tok/s", "f"), ("touched_experts", "experts", "s"),
-                ("weight_bytes", "MiB read", "mib"), ("floor_s", "floor ms", "ms"),
-                ("p50_over_floor", "p50/floor", "x")],
-    "startup": [("mode", "cache", "s"), ("shape", "shape", "s"), ("runs", "runs", "s"),
-                ("import_s", "import s", "f"), ("first_forward_s", "1st forward s", "f"),
+    "latency": [("shape", "layer", "s"), ("T", "T", "s"), ("storage", "x/weights", "s"),
+                ("calls", "calls", "s"), ("p50_s", "p50 ms", "ms"), ("p95_s", "p95 ms", "ms"),
+                ("p99_s", "p99 ms", "ms"), ("tokens_per_s", "tok/s", "f"),
+                ("touched_experts", "experts", "f"), ("weight_bytes", "MiB read", "mib"),
+                ("floor_s", "floor ms", "ms"), ("p50_over_floor", "p50/floor", "x")],
+    "startup": [("mode", "run", "s"), ("cache", "Numba cache", "s"), ("shape", "shape", "s"),
+                ("runs", "runs", "s"), ("import_s", "import s", "f"),
+                ("first_forward_s", "1st forward s", "f"),
                 ("second_forward_s", "2nd forward ms", "ms"), ("process_s", "process s", "f")],
 }
 
 
-def format_table(rows, suite):
+def legend(rows, suite):
+    """The lines that explain a suite's columns (printed under its table)."""
+    r0 = rows[0] if rows else {}
+    if suite == "layers":
+        tols = ", ".join(f"{d} {t:g}" for d, t in TOLERANCE.items())
+        blas = r0.get("blas_gflops")
+        blas = "" if blas is None else (
+            f": {blas:.1f} GFLOP/s (before {r0['blas_gflops_before']:.1f}, after "
+            f"{r0['blas_gflops_after']:.1f})")
+        return [
+            "ms: median time per call [min-max over the timed samples] (short calls are "
+            "batched so each sample lasts >= 1 ms).",
+            "rel err: ||y - y_ref|| / ||y_ref||, y_ref = the float64 NumPy reference on the "
+            "same rounded inputs and weights.",
+            f"check: PASS when rel err <= the tolerance of the activation dtype ({tols}).",
+            "%BLAS: numoe's GFLOP/s over NumPy's BLAS GEMM rate (2048^3 np.matmul, the better "
+            f"of two runs, before and after the table{blas}).",
+            "speedup vs ref / vs HF: the other's time / numoe's time: above 1, numoe is "
+            "faster (HF: the faster of HF eager and grouped_mm).",
+            "HF err: rel err of the Hugging Face block against the same reference.",
+        ]
+    if suite == "routing":
+        return [
+            "ms: median time per call [min-max over the samples] (short calls are batched so "
+            "each sample lasts >= 1 ms).",
+            "speedup vs ref / vs torch: their time / numoe's time: above 1, numoe is faster.",
+            "= ref: numoe chose exactly the reference's experts (PASS/FAIL).",
+            "copy floor: np.copyto of the same [T*k, H] bytes (the faster of two runs, before "
+            "and after the permutes); permute/floor: 1.00x = at the floor.",
+            "plan % perm: dispatch_plan's time as a share of one permute's.",
+        ]
+    if suite == "latency":
+        bw = r0.get("bandwidth_gbs")
+        bw = "" if bw is None else (
+            f" ({bw:.1f} GB/s; before {r0['bandwidth_gbs_before']:.1f}, after "
+            f"{r0['bandwidth_gbs_after']:.1f})")
+        return [
+            "p50/p95/p99: per-call latency percentiles over `calls` calls, each call on fresh "
+            "tokens (different experts each call).",
+            "experts: distinct experts one call touches (mean); MiB read: their weights in "
+            "the storage dtype, plus the router.",
+            f"floor: MiB read / the read bandwidth of a parallel read-only pass{bw}, the "
+            "better of two runs; p50/floor: 1.00x = at the memory floor.",
+        ]
+    if suite == "startup":
+        return [
+            "cold: one fresh process with an empty NUMBA_CACHE_DIR (everything compiles); "
+            "warm: fresh processes with that cache on disk (median of `runs`).",
+            "import s: `import numoe`; 1st forward s: the first layer call (compile or cache "
+            "load); 2nd forward: a warm call; process s: the whole child process.",
+        ]
+    return []
+
+
+_SHORT = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16",
+          "int8": "int8"}
+
+
+def _storage(r):
+    """``x dtype/weight storage`` in short names, e.g. ``f32/bf16``."""
+    x = r.get("dtype", "")
+    w = r.get("weights") or x
+    return f"{_SHORT.get(x, x)}/{_SHORT.get(w, w)}"
+
+
+def _row_label(r, suite):
+    if "name" in r:
+        return r["name"]
+    if suite == "startup" or "mode" in r:
+        return r["mode"]
+    if suite == "latency" or "shape" in r:
+        return f"T={r['T']}"
+    return f"E={r['E']} k={r['k']}"
+
+
+def format_table(rows, suite, *, with_legend=True):
     """Rows as an aligned text table (first column left-aligned, the rest right),
-    followed by the rows' notes."""
+    followed by the rows' notes, warnings about noisy timings and the legend."""
     cols = COLUMNS[suite]
     cells = [[head for _, head, _ in cols]]
-    cells += [[_fmt(r.get(key), kind) for key, _, kind in cols] for r in rows]
+    for r in rows:
+        r = dict(r, storage=_storage(r))
+        if suite == "routing":
+            r["experts_equal"] = r.get("check") or ("PASS" if r.get("experts_equal") else "FAIL")
+        cells.append([_fmt(r.get(key), kind, r.get(key[:-2] + "_spread") if kind == "ms"
+                           else None) for key, _, kind in cols])
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
 
     def line(c):
         return "  ".join([c[0].ljust(widths[0])] +
                          [c[i].rjust(widths[i]) for i in range(1, len(c))])
     lines = [line(cells[0]), line(["-" * w for w in widths])] + [line(c) for c in cells[1:]]
-    notes = [f"{r.get('name', '')}: {note}" for r in rows for note in r.get("notes", ())]
-    return "\n".join(lines + [f"  note: {n}" for n in notes])
+    notes = [f"{_row_label(r, suite)}: {note}" for r in rows for note in r.get("notes", ())]
+    lines += [f"  note: {n}" for n in notes]
+    keys = [key for key, _, kind in cols if kind == "ms"]
+    lines += [f"  WARNING: {w}" for w in noise_warnings(rows, keys)]
+    if with_legend:
+        lines += [f"  legend: {line}" if i == 0 else f"          {line}"
+                  for i, line in enumerate(legend(rows, suite))]
+    return "\n".join(lines)
 
 
 # time columns drawn by --plot, per suite: (key, label)
 PLOT_SERIES = {
-    "layers": [("numoe_s", "numoe"), ("ref_s", "NumPy reference"),
-               ("hf_eager_s", "HF eager"), ("hf_grouped_s", "HF grouped_mm")],
+    "layers": [("numoe_s", "numoe"), ("hf_eager_s", "HF eager"),
+               ("hf_grouped_s", "HF grouped_mm"), ("ref_s", "NumPy reference")],
     "routing": [("route_s", "numoe route"), ("ref_route_s", "reference route"),
                 ("torch_route_s", "torch route"), ("plan_s", "dispatch_plan"),
-                ("permute_s", "permute"), ("unpermute_s", "unpermute"), ("copy_s", "np.copyto")],
-    "latency": [("p50_s", "p50"), ("p99_s", "p99"), ("floor_s", "bandwidth floor")],
+                ("permute_s", "permute"), ("unpermute_s", "unpermute"),
+                ("copy_s", "np.copyto floor")],
+    "latency": [("p50_s", "p50"), ("p99_s", "p99"), ("floor_s", "read floor")],
     "startup": [("import_s", "import"), ("first_forward_s", "first forward")],
 }
 
-
-def _row_label(r, suite):
-    if suite == "routing":
-        return f"E={r['E']} k={r['k']}"
-    if suite == "latency":
-        return f"T={r['T']}"
-    if suite == "startup":
-        return r["mode"]
-    return r["name"]
+_PLOT_TITLES = {"layers": "One MoE layer forward", "routing": "Routing and data movement",
+                "latency": "Decode latency", "startup": "Start-up"}
 
 
 def plot(rows, suite, path, title=""):
-    """Horizontal grouped bar chart (log time axis) of the suite's time columns, as PNG."""
+    """A PNG for a report: one panel per row, horizontal bars on a linear millisecond
+    axis, each labelled with its value, whiskers from the first to the third quartile
+    of the samples where measured.
+
+    ``title`` (e.g. :func:`header_line`) is wrapped under the suite's name.
+    """
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     series = [(k, lbl) for k, lbl in PLOT_SERIES[suite] if any(r.get(k) for r in rows)]
-    n = len(rows)
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.35 * n * max(1, len(series))))
-    height = 0.8 / max(1, len(series))
-    for j, (key, label) in enumerate(series):
-        ys = [i + j * height for i in range(n)]
-        vals = [(r.get(key) or 0.0) * 1e3 for r in rows]
-        ax.barh(ys, vals, height=height, label=label)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(n)])
-    ax.set_yticklabels([_row_label(r, suite) for r in rows])
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("milliseconds (log scale, lower is better)")
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=8)
+    n = max(1, len(rows))
+    ncols = 1 if n <= 3 else 2
+    nrows = -(-n // ncols)
+    panel_h = 0.42 * max(1, len(series)) + 1.1
+    head = [_PLOT_TITLES.get(suite, suite)] + (textwrap.wrap(title, 100) if title else [])
+    head_h = 0.22 * len(head) + 0.25
+    fig_h = panel_h * nrows + head_h
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, fig_h), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = [k for k, _ in series]
+    for ax, r in zip(axes.flat, rows):
+        keys = [(k, lbl) for k, lbl in series if r.get(k)]
+        vals = [r[k] * 1e3 for k, _ in keys]
+        right = max(vals) if vals else 1.0
+        lo, hi = [], []
+        for (k, _), v in zip(keys, vals):
+            sp = r.get(k[:-2] + "_spread") or {}
+            lo.append(max(0.0, v - sp.get("q1", v / 1e3) * 1e3))
+            hi.append(min(max(0.0, sp.get("q3", v / 1e3) * 1e3 - v), 0.25 * right))
+        ys = np.arange(len(keys))
+        ax.barh(ys, vals, color=[colors[names.index(k) % len(colors)] for k, _ in keys],
+                xerr=[lo, hi] if any(lo) or any(hi) else None, capsize=3,
+                error_kw=dict(ecolor="0.3", lw=1))
+        ax.set_yticks(ys, [lbl for _, lbl in keys])
+        ax.invert_yaxis()
+        ax.set_xlim(0, right * 1.45)
+        for y, v, h in zip(ys, vals, hi):
+            ax.text(v + h + right * 0.02, y, f"{v:.3g} ms", va="center", fontsize=8)
+        ax.set_title(_plot_panel_title(r, suite), fontsize=8.5)
+        ax.set_xlabel("ms per call (lower is better; whiskers: quartiles)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("\n".join(head), fontsize=9)
     fig.tight_layout()
+    fig.subplots_adjust(top=1 - head_h / fig_h)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_panel_title(r, suite):
+    label = _row_label(r, suite)
+    if suite == "layers":
+        parts = [f"{label}: T={r['T']}, E={r['E']}, k={r['k']}, H={r['H']}, F={r['F']}, "
+                 f"{_storage(r)}, {r.get('check', '')}"]
+        if r.get("speedup") is not None:
+            parts.append(f"numoe {r['speedup']:.2f}x faster than HF's best"
+                         if r["speedup"] >= 1 else
+                         f"numoe {1 / r['speedup']:.2f}x slower than HF's best")
+        return "\n".join(parts)
+    if suite == "latency":
+        return f"{r['shape']}: p50 = {r['p50_over_floor']:.2f}x the read floor"
+    if suite == "routing":
+        return f"T={r['T']}, {label}, H={r['H']}"
+    return f"{label} ({r.get('cache', '')})"

@@ -14,6 +14,8 @@ import numpy as np
 from . import _validate as V
 from ._backend import backend_of, cuda_module
 from ._cpu import dispatch as _cpu
+from ._cpu._narrow import kind_of
+from ._dtypes import NARROW, bits, widened
 from ._types import DispatchPlan
 
 __all__ = ["capacity", "dispatch_plan", "permute", "unpermute"]
@@ -151,8 +153,10 @@ def dispatch_plan(experts, num_experts, *, capacity=None, weights=None, drop_pol
         Number of experts E (>= 1).
     capacity : int or None, optional
         At most this many assignments per expert (>= 1); None: dropless.
-    weights : [T, k] float32/float64, optional
-        Routing weights, finite; required by ``drop_policy="score"``.
+    weights : [T, k] float16, bfloat16, float32 or float64, optional
+        Routing weights, finite, any byte order; required by
+        ``drop_policy="score"`` (16-bit weights are compared as their exact
+        float32 values).
     drop_policy : {"slot", "position", "score"}, optional
         Which assignments survive when an expert overflows: ``"slot"``
         keeps all first choices before any second choice, then token order
@@ -202,7 +206,7 @@ def dispatch_plan(experts, num_experts, *, capacity=None, weights=None, drop_pol
         V.check_finite("weights", w)
     m = T * k
     need_w = capacity is not None and drop_policy == "score"
-    w_flat = w.reshape(-1) if need_w else np.empty(0, np.float64)
+    w_flat = widened(w)[0].reshape(-1) if need_w else np.empty(0, np.float64)
     order, offsets, counts, dropped = _cpu.dispatch_plan(
         ex.reshape(-1), num_experts, k, capacity, _POLICY_CODE[drop_policy], w_flat,
         _index_dtype(m))
@@ -215,13 +219,15 @@ def permute(x, plan, *, out=None):
 
     Parameters
     ----------
-    x : [..., H] float32/float64
-        Token activations; leading dims are flattened to ``T`` tokens,
-        which must match ``plan.dropped.shape[0]``.
+    x : [..., H] float16, bfloat16, float32 or float64
+        Token activations (any byte order: non-native input is converted
+        first); leading dims are flattened to ``T`` tokens, which must match
+        ``plan.dropped.shape[0]``.
     plan : DispatchPlan
         From :func:`dispatch_plan`.
     out : [N, H] ndarray, optional
-        C-contiguous, writeable, dtype of ``x``, not overlapping ``x``;
+        C-contiguous, writeable, dtype of ``x`` (native byte order), not
+        overlapping ``x``;
         receives the result (and is returned). Saves the allocation (and
         its page faults) when the buffer is reused.
 
@@ -235,6 +241,7 @@ def permute(x, plan, *, out=None):
     -----
     Parallel over output rows (row copies). Outputs of 32 MiB and more are
     written with non-temporal stores, since they cannot stay in cache.
+    16-bit rows are copied as their ``uint16`` bits (no conversion).
 
     Examples
     --------
@@ -255,7 +262,8 @@ def permute(x, plan, *, out=None):
         out = np.empty(shape, x2.dtype)
     else:
         _check_out(out, shape, x2.dtype, "x", x=x)
-    return _cpu.permute(x2, order, k, out)
+    _cpu.permute(bits(x2), order, k, bits(out))
+    return out
 
 
 # --------------------------------------------------------------- unpermute
@@ -264,14 +272,17 @@ def unpermute(ys, plan, weights, *, out=None):
 
     Parameters
     ----------
-    ys : [N, H] float32/float64
-        Expert outputs in plan order (e.g. from :func:`numoe.expert_ffn`).
+    ys : [N, H] float16, bfloat16, float32 or float64
+        Expert outputs in plan order (e.g. from :func:`numoe.expert_ffn`),
+        any byte order.
     plan : DispatchPlan
         The plan that produced the permuted rows.
-    weights : [T, k] float
-        Routing weights (finite). Converted to the dtype of ``ys``.
+    weights : [T, k] float (any of the four dtypes, any byte order)
+        Routing weights (finite). Converted to the dtype the sum is
+        accumulated in: that of ``ys``, float32 for 16-bit ``ys``.
     out : [T, H] ndarray, optional
-        C-contiguous, writeable, dtype of ``ys``, not overlapping the inputs;
+        C-contiguous, writeable, dtype of ``ys`` (native byte order), not
+        overlapping the inputs;
         receives the result (and is returned).
 
     Returns
@@ -282,10 +293,11 @@ def unpermute(ys, plan, weights, *, out=None):
 
     Notes
     -----
-    Each token's row is accumulated in the output dtype, starting from 0
-    and adding the kept slots in ascending ``j``; one token per task, no
-    atomics, so ``y`` is bit-identical for any thread count and each row
-    depends only on that token's inputs.
+    Each token's row is accumulated in the output dtype (float32 for
+    16-bit ``ys``, rounded once to the output dtype at the end), starting
+    from 0 and adding the kept slots in ascending ``j``; one token per
+    task, no atomics, so ``y`` is bit-identical for any thread count and
+    each row depends only on that token's inputs.
 
     Examples
     --------
@@ -305,7 +317,8 @@ def unpermute(ys, plan, weights, *, out=None):
     w = V.float_array("weights", weights, ndim=2)
     V.shape("weights", w, (T, k))
     V.check_finite("weights", w)
-    w = np.ascontiguousarray(w, dtype=ys.dtype)
+    narrow = ys.dtype in NARROW
+    w = np.ascontiguousarray(w, dtype=np.float32 if narrow else ys.dtype)
     H = ys.shape[1]
     if out is None:
         out = np.empty((T, H), ys.dtype)
@@ -315,6 +328,9 @@ def unpermute(ys, plan, weights, *, out=None):
     if bad:
         raise ValueError(f"plan.order repeats ids or lists dropped assignments "
                          f"({bad} inconsistent entries); not a valid plan")
+    if narrow:
+        _cpu.unpermute_narrow(bits(ys), pos, w, k, bits(out), kind_of(ys.dtype))
+        return out
     return _cpu.unpermute(ys, pos, w, k, out)
 
 
@@ -324,8 +340,8 @@ def _check_out(out, shape, dtype, like, **inputs):
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"out must have dtype {np.dtype(dtype)} (that of {like}), "
-                        f"got {out.dtype}")
+        raise TypeError(f"out must have dtype {np.dtype(dtype)} (that of {like}, native "
+                        f"byte order), got {out.dtype}")
     V.shape("out", out, shape)
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
@@ -334,3 +350,114 @@ def _check_out(out, shape, dtype, like, **inputs):
     for name, a in inputs.items():
         if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
             raise ValueError(f"out must not overlap {name}")
+
+
+# ---------------------------------------------------------------- backward
+def _plan_positions(order, dropped):
+    """``pos [T*k]`` int64 from a checked plan's ``order`` and ``dropped`` (raises if
+    they disagree)."""
+    pos, bad = _cpu.inverse_positions(order, dropped.reshape(-1))
+    if bad:
+        raise ValueError(f"plan.order repeats ids or lists dropped assignments "
+                         f"({bad} inconsistent entries); not a valid plan")
+    return pos
+
+
+def permute_backward(d_xs, plan):
+    """Vector-Jacobian product of :func:`permute`.
+
+    Parameters
+    ----------
+    d_xs : [N, H] float
+        Gradient with respect to the permuted rows.
+    plan : DispatchPlan
+        The plan given to :func:`permute`.
+
+    Returns
+    -------
+    d_x : [T, H] float, dtype of ``d_xs``
+        ``d_x[t]`` = sum over the kept slots ``j`` of token ``t``, in slot
+        order, of ``d_xs[pos(t, j)]`` (zeros for a token with no kept slot).
+
+    Notes
+    -----
+    One token per task, a fixed sum order: bit-identical for any thread count.
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> p = numoe.dispatch_plan(np.array([[1, 0], [1, 2]]), 3)
+    >>> numoe.permute_backward(np.array([[1.0], [2.0], [4.0], [8.0]]), p)[:, 0].tolist()
+    [3.0, 12.0]
+    """
+    if backend_of(d_xs=d_xs, **_plan_arrays(plan)) == "cuda":
+        raise NotImplementedError("permute_backward has no CUDA backend yet")
+    from ._dtypes import widened
+
+    order, _, dropped, T, k = _check_plan(plan)
+    g, dt = widened(d_xs)
+    g = V.float_array("d_xs", g, ndim=2)
+    if g.shape[0] != order.shape[0]:
+        raise ValueError(f"d_xs must have N = {order.shape[0]} rows (len(plan.order)), "
+                         f"got shape {g.shape}")
+    pos = _plan_positions(order, dropped)
+    out = np.empty((T, g.shape[1]), g.dtype)
+    _cpu.permute_backward(g, pos, k, out)
+    return out.astype(dt, copy=False)
+
+
+def unpermute_backward(d_y, ys, plan, weights):
+    """Vector-Jacobian product of :func:`unpermute`.
+
+    Parameters
+    ----------
+    d_y : [T, H] float
+        Gradient with respect to the combined output.
+    ys : [N, H] float
+        The expert outputs given to :func:`unpermute`.
+    plan : DispatchPlan
+    weights : [T, k] float
+        The routing weights given to :func:`unpermute`.
+
+    Returns
+    -------
+    d_ys : [N, H] float, dtype of ``ys``
+        ``d_ys[pos(t, j)] = weights[t, j] * d_y[t]``.
+    d_weights : [T, k] float, dtype of ``weights``
+        ``d_weights[t, j] = d_y[t] . ys[pos(t, j)]`` (summed in float64),
+        0 where the slot was dropped.
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> p = numoe.dispatch_plan(np.array([[0]]), 1)
+    >>> d_ys, d_w = numoe.unpermute_backward(np.array([[1.0, 2.0]]), np.array([[3.0, 4.0]]),
+    ...                                      p, np.array([[0.5]]))
+    >>> d_ys.tolist(), d_w.tolist()
+    ([[0.5, 1.0]], [[11.0]])
+    """
+    if backend_of(d_y=d_y, ys=ys, weights=weights, **_plan_arrays(plan)) == "cuda":
+        raise NotImplementedError("unpermute_backward has no CUDA backend yet")
+    from ._dtypes import widened
+
+    order, _, dropped, T, k = _check_plan(plan)
+    ys_, ys_dt = widened(ys)
+    ys_ = V.float_array("ys", ys_, ndim=2)
+    if ys_.shape[0] != order.shape[0]:
+        raise ValueError(f"ys must have N = {order.shape[0]} rows (len(plan.order)), "
+                         f"got shape {ys_.shape}")
+    H = ys_.shape[1]
+    g, _ = widened(d_y)
+    g = V.float_array("d_y", g, ndim=2, dtype=ys_.dtype)
+    V.shape("d_y", g, (T, H))
+    V.check_finite("d_y", g)
+    w, w_dt = widened(weights)
+    w = V.float_array("weights", w, ndim=2)
+    V.shape("weights", w, (T, k))
+    V.check_finite("weights", w)
+    w = np.ascontiguousarray(w, dtype=ys_.dtype)
+    pos = _plan_positions(order, dropped)
+    d_ys = np.empty_like(ys_)
+    d_w = np.empty((T, k))
+    _cpu.unpermute_backward(g, ys_, pos, w, k, d_ys, d_w)
+    return d_ys.astype(ys_dt, copy=False), d_w.astype(w_dt, copy=False)

@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import _validate as V
+from . import _dtypes as D, _validate as V
 from ._backend import backend_of, cuda_module, is_device
+from .quant import QuantizedArray, quantize
 from ._types import DispatchPlan, Routing
 from .config import MoEConfig
 from .dispatch import capacity as _capacity, dispatch_plan, permute, unpermute
@@ -30,6 +31,8 @@ from .routing import route, router_probs
 __all__ = ["MoELayer", "moe", "moe_gating_forward", "moe_expert_computation"]
 
 _SHARED_NAMES = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_gate_weight")
+_PARAM_NAMES = ("router", "router_bias", "w_gate", "w_up", "w_down", "b_gate", "b_up",
+                "b_down") + _SHARED_NAMES       # trained by MoELayer.backward
 
 
 def _on_device(a):
@@ -69,6 +72,27 @@ def _fused_base(wg, wu):
     return base
 
 
+def _as_q(name, a, shape):
+    """An int8 expert weight: a QuantizedArray along the input axis (checked), or a
+    float array quantized here (once)."""
+    if not isinstance(a, QuantizedArray):
+        return quantize(V.shape(name, V.float_array(name, a), shape), axis=-2)
+    V.shape(name, a, shape)
+    if a.axis != len(shape) - 2:
+        raise ValueError(f"{name} must be quantized along its input axis (axis=-2), "
+                         f"got axis {a.axis}")
+    return QuantizedArray(np.ascontiguousarray(a.values), np.ascontiguousarray(a.scales),
+                          a.axis)
+
+
+def _fuse_q(name_g, wg, name_u, wu, shape):
+    """int8 gate and up fused as one ``[..., 2F]`` QuantizedArray (per-column scales
+    concatenated: the same as quantizing the fused matrix)."""
+    g, u = _as_q(name_g, wg, shape), _as_q(name_u, wu, shape)
+    return QuantizedArray(np.concatenate([g.values, u.values], -1),
+                          np.concatenate([g.scales, u.scales], -1), g.axis)
+
+
 def _fuse(name_g, wg, name_u, wu, dtype, shape):
     """``concatenate([wg, wu], -1)`` as one C-contiguous array (no copy when already fused)."""
     if isinstance(wg, np.ndarray) and isinstance(wu, np.ndarray) and wg.dtype == dtype:
@@ -91,15 +115,16 @@ class MoELayer:
     ----------
     config : MoEConfig
     router : (H, E) float array
-        Router weights; the layer's dtype (float32 or float64) is that of
-        ``w_gate``, and every other weight is converted to it once here.
-    w_gate, w_up : (E, H, F) float array
+        Router weights.
+    w_gate, w_up : (E, H, F) float array or QuantizedArray
         Gate and up projections (``w_up=None`` when ``config.glu`` is
         False: plain experts ``act(x @ w_gate) @ w_down``). They are stored
         fused as one ``(E, H, 2F)`` array (one copy, none when they already
         are the two halves of such an array); the attributes ``w_gate`` /
-        ``w_up`` are views of it.
-    w_down : (E, F, H) float array
+        ``w_up`` are views of it. ``w_gate``'s dtype is the layer's
+        ``weight_dtype`` (float16, bfloat16, float32, float64, or int8 for a
+        :class:`numoe.QuantizedArray` from :func:`numoe.quantize`).
+    w_down : (E, F, H) float array or QuantizedArray
     router_bias : (E,) float array, optional
         Added to the logits (needed iff ``config.router_bias``).
     selection_bias : (E,) float array, optional
@@ -117,12 +142,40 @@ class MoELayer:
     shared_gate_weight : (H,) float array, optional
         Gate of the shared output, ``sigmoid(x @ shared_gate_weight)``
         (needed iff ``config.shared_gate``).
+    batch_invariant : bool
+        Every token's output bit-identical whatever else is in the batch
+        (opt-in; costs speed at prefill): the router product, every expert
+        block, the shared MLP and its gate run through the row-independent
+        streaming kernel instead of BLAS.
+    dtype : float dtype, optional
+        The activation dtype (of ``x`` and ``y``): float16, bfloat16,
+        float32 or float64. Default: ``w_gate``'s dtype (float32 for int8
+        weights).
 
     Notes
     -----
     ``layer(x)`` and ``layer.forward(x)`` take ``x [..., H]`` of the layer's
-    dtype and return ``y`` of the same shape. Results are deterministic:
-    bit-identical for any number of threads (``numba.set_num_threads``).
+    ``dtype`` (any byte order) and return ``y`` of the same shape and dtype.
+    Results are deterministic: bit-identical for any number of threads
+    (``numba.set_num_threads``).
+
+    Precision and storage. ``layer.dtype`` is the activation dtype,
+    ``layer.weight_dtype`` the storage of the expert weights; 16-bit
+    activations and weights compute with float32 accumulation (x is widened
+    once per call, y rounded once at the end; ``info["logits"]`` stays
+    float32). Which arrays follow ``weight_dtype``:
+
+    * a float ``weight_dtype`` (as Hugging Face bf16 checkpoints): every
+      array the layer holds -- router, router bias, expert weights and
+      biases, shared MLP and its gate -- except ``selection_bias`` (balancing
+      state, kept in the activations' compute dtype);
+    * ``int8``: the expert weights ``w_gate``/``w_up``/``w_down`` only
+      (per-output-column scales); every other array is stored in ``dtype``.
+
+    Weights wider than the activations' compute dtype (float64 weights,
+    float32 ``x``) are cast to ``dtype`` once at construction. The kernels
+    read the stored bytes: a bfloat16 layer holds half the bytes of a
+    float32 one, with no float32 copy of the experts anywhere.
 
     Examples
     --------
@@ -141,30 +194,48 @@ class MoELayer:
     def __init__(self, config, *, router, w_gate, w_up=None, w_down, router_bias=None,
                  selection_bias=None, b_gate=None, b_up=None, b_down=None,
                  shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None,
-                 shared_gate_weight=None):
+                 shared_gate_weight=None, batch_invariant=False, dtype=None):
         cfg = _check_config(config)
         E, H, F = cfg.num_experts, cfg.hidden_dim, cfg.expert_dim
-        # the layer's dtype is w_gate's; asarray keeps views (no copy before fusing)
-        wg = w_gate if isinstance(w_gate, np.ndarray) else V.float_array("w_gate", w_gate)
-        if wg.dtype not in V.FLOATS:
+        # the weight storage is w_gate's; asarray keeps views (no copy before fusing)
+        quant = isinstance(w_gate, QuantizedArray)
+        wg = w_gate if quant or isinstance(w_gate, np.ndarray) else \
+            V.float_array("w_gate", w_gate)
+        if not quant and D.native(wg.dtype) not in D.FLOATS:
             V.float_array("w_gate", wg)             # raises the TypeError
-        dt = wg.dtype
+        wdt = np.dtype(np.int8) if quant else D.native(wg.dtype)
+        if dtype is not None:
+            dt = D.as_float_dtype("dtype", dtype)
+        else:
+            dt = D.FLOAT32 if quant else wdt
+        if not quant and D.compute_dtype(wdt).itemsize > D.compute_dtype(dt).itemsize:
+            wdt = dt                  # weights wider than the activations: cast once, here
+        sdt = dt if quant else wdt    # the other arrays (router, biases, shared MLP)
+        if not isinstance(batch_invariant, (bool, np.bool_)):
+            raise TypeError(f"batch_invariant must be True or False, got {batch_invariant!r}")
         self.config = cfg
         self.dtype = dt
+        self.weight_dtype = wdt
+        self.batch_invariant = bool(batch_invariant)
         self._device = False
-        self.router = _as("router", router, dt, (H, E))
+        self.router = _as("router", router, sdt, (H, E))
         if cfg.glu:
             if w_up is None:
                 raise ValueError("w_up is None but config.glu is True (GLU experts need w_up)")
-            self._w1 = _fuse("w_gate", wg, "w_up", w_up, dt, (E, H, F))
+            self._w1 = _fuse_q("w_gate", wg, "w_up", w_up, (E, H, F)) if quant else \
+                _fuse("w_gate", wg, "w_up", w_up, wdt, (E, H, F))
         else:
             if w_up is not None:
                 raise ValueError("w_up was given but config.glu is False (plain FFN experts)")
-            self._w1 = _as("w_gate", wg, dt, (E, H, F))
-        self.w_down = _as("w_down", w_down, dt, (E, F, H))
+            self._w1 = _as_q("w_gate", wg, (E, H, F)) if quant else \
+                _as("w_gate", wg, wdt, (E, H, F))
+        self.w_down = _as_q("w_down", w_down, (E, F, H)) if quant else \
+            _as("w_down", w_down, wdt, (E, F, H))
+        dt = sdt
         self.router_bias = self._optional("router_bias", router_bias, cfg.router_bias, dt, (E,))
         self.selection_bias = self._optional("selection_bias", selection_bias,
-                                             cfg.selection_bias, dt, (E,))
+                                             cfg.selection_bias, D.compute_dtype(self.dtype),
+                                             (E,))
         self.b_gate = self._optional("b_gate", b_gate, cfg.expert_bias, dt, (E, F))
         self.b_up = self._optional("b_up", b_up, cfg.expert_bias and cfg.glu, dt, (E, F))
         self.b_down = self._optional("b_down", b_down, cfg.expert_bias, dt, (E, H))
@@ -240,6 +311,9 @@ class MoELayer:
         kw = {name: getattr(self, name) for name in (
             "router", "w_gate", "w_up", "w_down", "router_bias", "selection_bias", "b_gate",
             "b_up", "b_down") + _SHARED_NAMES}
+        for name, a in kw.items():              # int8: the dequantized weights, float64
+            if isinstance(a, QuantizedArray):
+                kw[name] = a.dequantize(np.float64)
         kw.update(score=cfg.score, renormalize=cfg.renormalize, n_groups=cfg.n_groups,
                   topk_groups=cfg.topk_groups, group_score=cfg.group_score, scale=cfg.scale,
                   activation=cfg.activation, capacity_factor=cfg.capacity_factor,
@@ -248,36 +322,146 @@ class MoELayer:
 
     def __repr__(self):
         where = "cuda" if self._device else "cpu"
-        return f"MoELayer({self.config!r}, dtype={np.dtype(self.dtype).name}, device={where!r})"
+        extra = "" if self.weight_dtype == self.dtype else \
+            f", weight_dtype={np.dtype(self.weight_dtype).name}"
+        extra += ", batch_invariant=True" if self.batch_invariant else ""
+        return (f"MoELayer({self.config!r}, dtype={np.dtype(self.dtype).name}{extra}, "
+                f"device={where!r})")
+
+    @property
+    def nbytes(self):
+        """Bytes of every array the layer holds (host layers)."""
+        arrays = [self._w1, self.w_down, self._s1] + [getattr(self, n) for n in (
+            "router", "router_bias", "selection_bias", "b_gate", "b_up", "b_down",
+            "shared_down_proj", "shared_gate_weight")]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def astype(self, dtype=None, weight_dtype=None):
+        """A copy of the layer with other activation and/or weight dtypes.
+
+        Parameters
+        ----------
+        dtype : float dtype, optional
+            The new activation dtype (float16, bfloat16, float32, float64);
+            default: unchanged.
+        weight_dtype : float dtype or "int8", optional
+            The new storage (see the class Notes for which arrays follow it);
+            ``"int8"`` quantizes the expert weights (:func:`numoe.quantize`,
+            one scale per expert and output column). Default: unchanged.
+
+        Returns
+        -------
+        MoELayer
+            A new host layer (arrays converted once; unchanged arrays shared).
+
+        Examples
+        --------
+        >>> import numpy as np, numoe
+        >>> cfg = numoe.MoEConfig.olmoe(num_experts=4, top_k=2, hidden_dim=8, expert_dim=4)
+        >>> layer = numoe.MoELayer.random(cfg)
+        >>> half = layer.astype(weight_dtype="bfloat16")
+        >>> half.dtype, half.weight_dtype, half.nbytes * 2 == layer.nbytes
+        (dtype('float32'), dtype(bfloat16), True)
+        """
+        if self._device:
+            raise TypeError("astype works on host layers; call it before to_device()")
+        dt = self.dtype if dtype is None else D.as_float_dtype("dtype", dtype)
+        if weight_dtype is None:
+            wdt = self.weight_dtype
+        elif isinstance(weight_dtype, str) and weight_dtype == "int8" or \
+                (not isinstance(weight_dtype, str) and np.dtype(weight_dtype) == np.int8):
+            wdt = np.dtype(np.int8)
+        else:
+            wdt = D.as_float_dtype("weight_dtype", weight_dtype)
+        quant = wdt == np.int8
+        if not quant and D.compute_dtype(wdt).itemsize > D.compute_dtype(dt).itemsize:
+            wdt = dt
+        sdt = dt if quant else wdt
+        cfg = self.config
+        F = cfg.expert_dim
+
+        def conv(a, to):
+            if a is None:
+                return None
+            if isinstance(a, QuantizedArray):
+                return a.dequantize(D.compute_dtype(to)).astype(to, copy=False)
+            return a if a.dtype == to else a.astype(to)
+
+        if quant:
+            w1 = self._w1 if isinstance(self._w1, QuantizedArray) else \
+                quantize(self._w1, axis=-2)
+            w_down = self.w_down if isinstance(self.w_down, QuantizedArray) else \
+                quantize(self.w_down, axis=-2)
+        else:
+            w1, w_down = conv(self._w1, wdt), conv(self.w_down, wdt)
+        kw = dict(router=conv(self.router, sdt), w_down=w_down,
+                  selection_bias=conv(self.selection_bias, D.compute_dtype(dt)))
+        if cfg.glu:
+            kw.update(w_gate=w1[..., :F], w_up=w1[..., F:])
+        else:
+            kw["w_gate"] = w1
+        for name in ("router_bias", "b_gate", "b_up", "b_down", "shared_down_proj",
+                     "shared_gate_weight"):
+            kw[name] = conv(getattr(self, name), sdt)
+        if self._s1 is not None:
+            s1 = conv(self._s1, sdt)
+            S = cfg.shared_expert_dim
+            kw.update(shared_gate_proj=s1[:, :S], shared_up_proj=s1[:, S:])
+        return type(self)(cfg, batch_invariant=self.batch_invariant, dtype=dt, **kw)
 
     # ------------------------------------------------------------ creation
     @classmethod
-    def random(cls, config, seed=0, dtype=np.float32):
+    def random(cls, config, seed=0, dtype=np.float32, weight_dtype=None,
+               batch_invariant=False):
         """A layer with random weights (deterministic in ``seed``).
 
         Weights are normal with standard deviation ``1/sqrt(fan_in)`` (so
         activations stay of order one), biases normal with deviation 0.1,
-        the selection bias zero. Generated in place in the fused layout:
-        no temporary copies of the expert weights.
+        the selection bias zero. Generated in place in the fused layout, one
+        expert at a time: no temporary copies of the expert weights. Drawn
+        in float32 (float64 for float64 storage) and rounded to the storage
+        dtype, so ``random(cfg, s, weight_dtype="bfloat16")`` holds exactly
+        ``random(cfg, s).astype(weight_dtype="bfloat16")``'s weights.
 
         Parameters
         ----------
         config : MoEConfig
         seed : int
-        dtype : float32 or float64
+        dtype : float16, bfloat16, float32 or float64
+            The activation dtype.
+        weight_dtype : float dtype or "int8", optional
+            Storage of the weights (see :class:`MoELayer`); default ``dtype``.
+        batch_invariant : bool
+            See :class:`MoELayer`.
         """
         cfg = _check_config(config)
-        dt = np.dtype(dtype)
-        if dt not in V.FLOATS:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        dt = D.as_float_dtype("dtype", dtype)
+        quant = weight_dtype is not None and (
+            weight_dtype == "int8" if isinstance(weight_dtype, str)
+            else np.dtype(weight_dtype) == np.int8)
+        if weight_dtype is None or quant:
+            wdt = dt
+        else:
+            wdt = D.as_float_dtype("weight_dtype", weight_dtype)
+        if D.compute_dtype(wdt).itemsize > D.compute_dtype(dt).itemsize:
+            wdt = dt
+        gen = D.FLOAT64 if wdt == D.FLOAT64 else D.FLOAT32
+        if quant:
+            wdt = gen                 # drawn as floats, quantized at the end
         seed = V.integer("seed", seed, lo=0)
         rng = np.random.default_rng(seed)
         E, H, F, k = cfg.num_experts, cfg.hidden_dim, cfg.expert_dim, cfg.top_k
 
         def normal(shape, std):
-            a = np.empty(shape, dtype=dt)
-            rng.standard_normal(out=a, dtype=dt)
-            a *= dt.type(std)
+            a = np.empty(shape, dtype=wdt)
+            parts = a if a.ndim == 3 else [a]          # one expert at a time
+            tmp = None if wdt == gen else np.empty(parts[0].shape, dtype=gen)
+            for part in parts:
+                buf = part if tmp is None else tmp
+                rng.standard_normal(out=buf, dtype=gen)
+                buf *= gen.type(std)
+                if tmp is not None:
+                    part[...] = tmp
             return a
 
         router = normal((H, E), 1.0 / math.sqrt(H))
@@ -287,7 +471,7 @@ class MoELayer:
         if cfg.router_bias:
             kw["router_bias"] = normal((E,), 0.1)
         if cfg.selection_bias:
-            kw["selection_bias"] = np.zeros(E, dtype=dt)
+            kw["selection_bias"] = np.zeros(E, dtype=D.compute_dtype(dt))
         if cfg.expert_bias:
             kw["b_gate"] = normal((E, F), 0.1)
             if cfg.glu:
@@ -301,9 +485,41 @@ class MoELayer:
             if cfg.shared_gate:
                 kw["shared_gate_weight"] = normal((H,), 1.0 / math.sqrt(H))
         if cfg.glu:
-            return cls(cfg, router=router, w_gate=w1[..., :F], w_up=w1[..., F:],
-                       w_down=w_down, **kw)
-        return cls(cfg, router=router, w_gate=w1, w_down=w_down, **kw)
+            kw.update(w_gate=w1[..., :F], w_up=w1[..., F:])
+        else:
+            kw["w_gate"] = w1
+        layer = cls(cfg, router=router, w_down=w_down, batch_invariant=batch_invariant, dtype=dt,
+                    **kw)
+        return layer.astype(weight_dtype="int8") if quant else layer
+
+    # ---------------------------------------------- loading (numoe/loading.py)
+    @classmethod
+    def from_hf(cls, block, *, dtype=None, **options):
+        """The layer equal to a Hugging Face transformers MoE block (Mixtral,
+        Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, Switch); config
+        inferred, dtype kept. See :func:`numoe.loading.from_hf`."""
+        from . import loading
+
+        return loading.from_hf(block, dtype=dtype, layer_cls=cls, **options)
+
+    @classmethod
+    def from_state_dict(cls, state_dict, config, *, prefix="", family=None, dtype=None,
+                        **options):
+        """The layer from arrays (NumPy or torch) keyed as in the family's HF
+        checkpoints. See :func:`numoe.loading.from_state_dict`."""
+        from . import loading
+
+        return loading.from_state_dict(state_dict, config, prefix=prefix, family=family,
+                                       dtype=dtype, layer_cls=cls, **options)
+
+    @classmethod
+    def from_safetensors(cls, path, layer_index, *, config=None, dtype=None, **options):
+        """MoE layer ``layer_index`` of a (possibly sharded) safetensors checkpoint
+        directory, read with NumPy only. See :func:`numoe.loading.from_safetensors`."""
+        from . import loading
+
+        return loading.from_safetensors(path, layer_index, config=config, dtype=dtype,
+                                        layer_cls=cls, **options)
 
     def to_device(self):
         """A copy of this layer with every weight on the GPU (``numba.cuda.to_device``).
@@ -378,12 +594,20 @@ class MoELayer:
         V.check_finite("x", x2)
         return x2, lead
 
-    def _logits(self, x2):
+    def _compute_x(self, x2):
+        """``x2`` in the compute dtype (16-bit activations widened to float32)."""
         from ._cpu import experts as cpu
 
-        logits = cpu.matmul(x2, self.router)
+        cd = D.compute_dtype(x2.dtype)
+        return x2 if x2.dtype == cd else cpu.widen_weight(x2, cd)
+
+    def _logits(self, x2):
+        """Router logits ``[T, E]`` in the compute dtype (float32 for 16-bit layers)."""
+        from ._cpu import experts as cpu
+
+        logits = cpu.linear(self._compute_x(x2), self.router, rowwise=self.batch_invariant)
         if self.router_bias is not None:
-            logits += self.router_bias
+            logits += self.router_bias.astype(logits.dtype, copy=False)
         return logits
 
     def _route(self, logits):
@@ -407,27 +631,191 @@ class MoELayer:
         cfg = self.config
         T, H = x2.shape
         k = cfg.top_k
-        dt = self.dtype
+        xc = self._compute_x(x2)
+        dt = xc.dtype
+        inv = self.batch_invariant
         ys = np.empty((plan.order.shape[0], H), dtype=dt)
         jobs = []
         if ys.shape[0]:
-            jobs.append(cpu.Job(x2, plan.order, k, plan.offsets, self._w1, None, cfg.glu,
+            jobs.append(cpu.Job(xc, plan.order, k, plan.offsets, self._w1, None, cfg.glu,
                                 self.w_down, self.b_gate, self.b_up, self.b_down, self._code,
-                                self._limit, self._alpha, ys))
+                                self._limit, self._alpha, ys, stream_all=inv))
         sh = None
         if self._s1 is not None and T:
             sh = np.empty((T, H), dtype=dt)
-            jobs.append(cpu.Job(x2, None, 1, np.array([0, T], np.int64), self._s1[None], None,
+            jobs.append(cpu.Job(xc, None, 1, np.array([0, T], np.int64), self._s1[None], None,
                                 True, self.shared_down_proj[None], None, None, None, 0,
-                                math.inf, 1.0, sh))
+                                math.inf, 1.0, sh, stream_all=inv))
         cpu.run_jobs(jobs)
         y = unpermute(ys, plan, routing.weights)
         if sh is not None:
             gate = None
             if self.shared_gate_weight is not None:
-                gate = cpu.matmul(x2, self.shared_gate_weight[:, None])[:, 0]
+                gate = cpu.linear(xc, self.shared_gate_weight[:, None], rowwise=inv)[:, 0]
             cpu.add_shared(y, sh, gate)
-        return y
+        return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    # ------------------------------------------------------------ training
+    def parameters(self):
+        """The live arrays the layer computes with, by constructor name.
+
+        Returns
+        -------
+        dict
+            ``router``, ``w_gate``, ``w_up``, ``w_down`` and whichever of
+            ``router_bias``, ``b_gate``, ``b_up``, ``b_down``,
+            ``shared_gate_proj``, ``shared_up_proj``, ``shared_down_proj``,
+            ``shared_gate_weight`` the layer holds (``selection_bias`` is not
+            trained by gradients: see :func:`numoe.update_bias`). ``w_gate``
+            / ``w_up`` (and the shared gate/up) are views of the fused
+            weights: updating any entry in place (``p -= lr * g``) changes
+            the next forward.
+        """
+        if self._device:
+            raise NotImplementedError("parameters() of a device layer is not supported yet")
+        return {n: getattr(self, n) for n in _PARAM_NAMES if getattr(self, n) is not None}
+
+    def backward(self, x, info, d_y, *, aux_loss_coef=0.0, z_loss_coef=0.0):
+        """Gradients of ``L = sum(y * d_y) + aux_loss_coef * info["aux_loss"]
+        + z_loss_coef * info["z_loss"]``.
+
+        Parameters
+        ----------
+        x : (..., H) float array
+            The input given to :meth:`forward`.
+        info : dict
+            From ``layer.forward(x, return_info=True)`` (``logits``,
+            ``routing``, ``plan`` are read: the routing is held fixed).
+        d_y : (..., H) float array
+            Gradient of the loss with respect to ``y``.
+        aux_loss_coef, z_loss_coef : float
+            Coefficients of the load-balancing loss and the router z-loss.
+
+        Returns
+        -------
+        dict
+            ``"x"``: ``d_x`` (shape of ``x``), and one gradient per entry of
+            :meth:`parameters`, same names, shapes and dtypes.
+
+        Notes
+        -----
+        Chains the backward ops (unpermute, expert FFN, permute, route,
+        losses, router product), with the combine folded into the expert
+        backward: the routing weight of a row scales its output gradient,
+        and its own gradient is ``d_y . ys`` from the recomputed hidden
+        layer. Selections (top-k, groups, selection bias, capacity drops)
+        carry no gradient. Bit-identical for any thread count.
+
+        Examples
+        --------
+        >>> import numpy as np, numoe
+        >>> cfg = numoe.MoEConfig.mixtral(num_experts=4, top_k=2, hidden_dim=8, expert_dim=16)
+        >>> layer = numoe.MoELayer.random(cfg, seed=0)
+        >>> x = np.ones((3, 8), np.float32)
+        >>> y, info = layer.forward(x, return_info=True)
+        >>> g = layer.backward(x, info, np.ones_like(y), aux_loss_coef=0.01)
+        >>> sorted(g) == sorted(["x", *layer.parameters()])
+        True
+        """
+        from ._cpu import experts as cpu
+        from .dispatch import permute_backward
+        from .losses import load_balancing_loss_backward, router_z_loss_backward
+        from .routing import route_backward, router_probs_backward
+
+        if self._device or _on_device(x):
+            raise NotImplementedError("backward of a device layer is not supported yet")
+        cfg = self.config
+        x2, lead = self._host_tokens(x)
+        T, H = x2.shape
+        E, k, F = cfg.num_experts, cfg.top_k, cfg.expert_dim
+        if not isinstance(info, Mapping) or not {"logits", "routing", "plan"} <= set(info):
+            raise TypeError("info must be the dict from layer.forward(x, return_info=True)")
+        logits, routing, plan = info["logits"], info["routing"], info["plan"]
+        if np.shape(logits) != (T, E) or np.shape(plan.dropped) != (T, k):
+            raise ValueError(f"info does not belong to this x: logits {np.shape(logits)}, "
+                             f"expected {(T, E)}")
+        aux_loss_coef = V.real("aux_loss_coef", aux_loss_coef)
+        z_loss_coef = V.real("z_loss_coef", z_loss_coef)
+        cdt = x2.dtype
+        dy = V.float_array("d_y", d_y, dtype=cdt)
+        if dy.shape != np.shape(x):
+            raise ValueError(f"d_y must have the shape of x {np.shape(x)}, got {dy.shape}")
+        dy = dy.reshape(T, H)
+        V.check_finite("d_y", dy)
+        params = self.parameters()
+        wide = lambda a: None if a is None else np.ascontiguousarray(a, dtype=cdt)  # noqa
+        grads = {}
+
+        # routed experts, the combine folded in (row scale = routing weight)
+        order = np.asarray(plan.order)
+        N = order.shape[0]
+        xs = permute(x2, plan)
+        dys = permute(dy, plan)
+        rs = np.ascontiguousarray(np.asarray(routing.weights).reshape(-1)[order], dtype=cdt)
+        w1 = wide(self._w1)
+        d_w1 = np.empty(w1.shape, cdt)
+        new = lambda a: None if a is None else np.empty(np.shape(a), cdt)  # noqa: E731
+        job = cpu.BackwardJob(xs, np.asarray(plan.offsets, np.int64), w1, None, cfg.glu,
+                              wide(self.w_down), wide(self.b_gate), wide(self.b_up),
+                              wide(self.b_down), self._code, self._limit, self._alpha, dys, rs,
+                              np.empty((N, H), cdt), d_w1, None, new(self.w_down),
+                              new(self.b_gate), new(self.b_up), new(self.b_down),
+                              np.empty(N))
+        cpu.run_backward(job)
+        d_x = permute_backward(job.d_xs, plan)
+        d_w = np.zeros(T * k)
+        d_w[order] = job.d_scale
+        grads.update(w_gate=d_w1[..., :F] if cfg.glu else d_w1, w_down=job.d_w_down,
+                     b_gate=job.d_b_gate, b_up=job.d_b_up, b_down=job.d_b_down)
+        if cfg.glu:
+            grads["w_up"] = d_w1[..., F:]
+
+        # router: routing weights, aux loss, z-loss, then the logits' product
+        lg = np.asarray(logits)
+        d_logits = np.asarray(route_backward(
+            lg, routing, d_w.reshape(T, k).astype(lg.dtype), score=cfg.score,
+            renormalize=cfg.renormalize, scale=cfg.scale), dtype=np.float64)
+        if aux_loss_coef and T:
+            d_p = load_balancing_loss_backward(router_probs(lg, cfg.score), routing.experts,
+                                               d_loss=aux_loss_coef)
+            d_logits += router_probs_backward(lg, d_p, score=cfg.score)
+        if z_loss_coef and T:
+            d_logits += router_z_loss_backward(lg, d_loss=z_loss_coef)
+        d_logits = d_logits.astype(cdt)
+        grads["router"] = cpu.matmul_tn(x2, d_logits)
+        if self.router_bias is not None:
+            grads["router_bias"] = np.empty(E, cdt)
+            cpu.column_sums(d_logits, np.zeros(0, cdt), grads["router_bias"])
+        d_x += cpu.matmul(d_logits, wide(self.router).T)
+
+        # shared SwiGLU MLP (its sigmoid gate as a row scale)
+        if self._s1 is not None:
+            S = cfg.shared_expert_dim
+            gw = wide(self.shared_gate_weight)
+            sig = None
+            if gw is not None:
+                a = cpu.matmul(x2, gw[:, None])[:, 0].astype(np.float64)
+                sig = 1.0 / (1.0 + np.exp(-a))
+            s1 = wide(self._s1)[None]
+            sjob = cpu.BackwardJob(x2, np.array([0, T], np.int64), s1, None, True,
+                                   wide(self.shared_down_proj)[None], None, None, None, 0,
+                                   math.inf, 1.0, dy, None if sig is None else sig.astype(cdt),
+                                   np.empty((T, H), cdt), np.empty(s1.shape, cdt), None,
+                                   np.empty((1, S, H), cdt), None, None, None,
+                                   None if sig is None else np.empty(T))
+            cpu.run_backward(sjob)
+            d_x += sjob.d_xs
+            grads.update(shared_gate_proj=sjob.d_w1[0, :, :S], shared_up_proj=sjob.d_w1[0, :, S:],
+                         shared_down_proj=sjob.d_w_down[0])
+            if sig is not None:
+                d_a = (sig * (1.0 - sig) * sjob.d_scale).astype(cdt)
+                grads["shared_gate_weight"] = cpu.matmul_tn(x2, d_a[:, None])[:, 0]
+                d_x += d_a[:, None] * gw[None, :]
+        out = {"x": d_x.reshape(lead + (H,))}
+        for name, p in params.items():
+            g = grads[name]
+            out[name] = g if g.dtype == p.dtype else g.astype(p.dtype)
+        return out
 
     # -------------------------------------------------------------- device
     def _forward_device(self, x, return_info):
@@ -437,40 +825,21 @@ class MoELayer:
         if not _on_device(x):
             raise TypeError("x is a host array but this layer's weights are on the GPU; "
                             "pass a device array (numba.cuda.to_device(x))")
-        from numba import cuda
-
         cfg = self.config
-        H, E = cfg.hidden_dim, cfg.num_experts
-        xd = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
+        H = cfg.hidden_dim
+        # numba, CuPy or PyTorch CUDA arrays, bfloat16 tensors included
+        xd = cuda_module("_arrays").as_device("x", x)
         shape = tuple(xd.shape)
         if not shape or shape[-1] != H:
             raise ValueError(f"x must have last dim hidden_dim = {H}, got shape {shape}")
         if np.dtype(xd.dtype) != self.dtype:
             raise TypeError(f"x has dtype {xd.dtype} but the layer is {self.dtype}")
-        lead = shape[:-1]
-        T = int(np.prod(lead)) if lead else 1
-        x2 = xd.reshape(T, H)
-        gemm = cuda_module("gemm")
-        logits = gemm.matmul(x2, self.router)
-        if self.router_bias is not None:
-            _dev_add_row(logits, self.router_bias)
-        routing, plan = self._route(logits)
-        xs = permute(x2, plan)
-        ys = expert_ffn(xs, plan.offsets, self.w_gate, self.w_up, self.w_down,
-                        activation=cfg.activation, b_gate=self.b_gate, b_up=self.b_up,
-                        b_down=self.b_down, limit=cfg.limit, alpha=cfg.alpha)
-        y = unpermute(ys, plan, routing.weights)
-        if self._dev.get("shared") is not None:
-            sg, su, sd = self._dev["shared"]
-            offs = cuda.to_device(np.array([0, T], np.int64))
-            sh = expert_ffn(x2, offs, sg, su, sd, activation="silu")
-            gate = None
-            if self.shared_gate_weight is not None:
-                gate = gemm.matmul(x2, self.shared_gate_weight.reshape(H, 1))
-            _dev_add_shared(y, sh, gate)
-        y = y.reshape(lead + (H,))
+        # the fused device forward (numoe._cuda.moe): rows read through the plan,
+        # routing weight in the GEMM epilogue, 16-bit storage widened in registers
+        fused = cuda_module("moe")
         if not return_info:
-            return y
+            return fused.forward(self, xd)
+        y, (logits, routing, plan) = fused.forward(self, xd, return_parts=True)
         return y, _info(logits, routing, plan, cfg)
 
 

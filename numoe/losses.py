@@ -6,6 +6,7 @@ import numpy as np
 from . import _validate as V
 from ._backend import backend_of, cuda_module
 from ._cpu import losses as cpu
+from ._dtypes import FLOATS, native, widened
 from .routing import _expert_rows
 
 _TOKEN_CHUNK = 1024    # tokens per partial-sum slab (fixed: results never depend on threads)
@@ -43,8 +44,9 @@ def load_balancing_loss(probs, experts, *, mask=None):
 
     Parameters
     ----------
-    probs : [..., E] float32 or float64
-        Router probabilities per token (e.g. :func:`numoe.router_probs`).
+    probs : [..., E] float16, bfloat16, float32 or float64
+        Router probabilities per token (e.g. :func:`numoe.router_probs`),
+        any byte order; 16-bit values are widened to float32 (exactly).
     experts : [..., k] int
         Chosen experts per token (ids in ``[0, E)``).
     mask : [...] bool, optional
@@ -74,6 +76,7 @@ def load_balancing_loss(probs, experts, *, mask=None):
     if backend_of(probs=probs, experts=experts, mask=mask) == "cuda":
         return cuda_module("losses").load_balancing_loss(probs, experts, mask=mask)
     p, lead = _expert_rows("probs", probs)
+    p = widened(p)[0]
     T, E = p.shape
     ex = _experts_for("experts", experts, lead, E)
     m = _token_mask(mask, lead, T)
@@ -102,9 +105,9 @@ def router_z_loss(logits, *, mask=None):
 
     Parameters
     ----------
-    logits : [..., E] float32 or float64
-        Router logits (``-inf`` allowed, but not a whole counted row;
-        NaN/``+inf`` rejected in counted rows).
+    logits : [..., E] float16, bfloat16, float32 or float64
+        Router logits, any byte order (``-inf`` allowed, but not a whole
+        counted row; NaN/``+inf`` rejected in counted rows).
     mask : [...] bool, optional
         True for tokens that count.
 
@@ -127,6 +130,7 @@ def router_z_loss(logits, *, mask=None):
     if backend_of(logits=logits, mask=mask) == "cuda":
         return cuda_module("losses").router_z_loss(logits, mask=mask)
     z, lead = _expert_rows("logits", logits)
+    z = widened(z)[0]
     T = z.shape[0]
     m = _token_mask(mask, lead, T)
     nc = _n_chunks(T, _TOKEN_CHUNK)
@@ -196,12 +200,12 @@ def expert_counts(experts, num_experts):
 
 def _check_update_bias(bias, counts, rate):
     """Host checks of :func:`update_bias`; returns ``(bias, counts float64, rate)``."""
-    b = V.float_array("bias", bias, ndim=1)
+    b = widened(V.float_array("bias", bias, ndim=1))[0]
     if b.shape[0] == 0:
         raise ValueError("bias must have one entry per expert (E >= 1), got shape (0,)")
     V.check_finite("bias", b)
     c = V._as_ndarray("counts", counts)
-    if c.dtype == np.bool_ or c.dtype.kind not in "iuf":
+    if c.dtype == np.bool_ or (c.dtype.kind not in "iu" and native(c.dtype) not in FLOATS):
         raise TypeError(f"counts must be an integer or float array, got dtype {c.dtype}")
     V.shape("counts", c, b.shape)
     c = np.ascontiguousarray(c, dtype=np.float64)
@@ -217,9 +221,10 @@ def update_bias(bias, counts, rate):
 
     Parameters
     ----------
-    bias : [E] float32 or float64
-        Current selection bias (see :func:`numoe.route`'s ``bias``).
-    counts : [E] int or float
+    bias : [E] float16, bfloat16, float32 or float64
+        Current selection bias (see :func:`numoe.route`'s ``bias``), any
+        byte order.
+    counts : [E] int or float (any byte order)
         Load per expert in the last step (e.g. :func:`expert_counts`).
     rate : float
         Update speed ``gamma`` (finite, >= 0).
@@ -229,7 +234,8 @@ def update_bias(bias, counts, rate):
     [E] float32
         ``bias + rate * sign(mean(counts) - counts)``: overloaded experts go
         down, underloaded ones up. Computed in float64, stored as float32
-        (the optimizer state's dtype). The input is not modified.
+        (the optimizer state's dtype, whatever the input dtype: a 16-bit
+        state would round small steps away). The input is not modified.
 
     Notes
     -----
@@ -273,7 +279,7 @@ def routing_stats(experts, num_experts, *, weights=None, plan=None):
         Chosen experts (ids in ``[0, num_experts)``).
     num_experts : int
         E, >= 1.
-    weights : [..., k] float, optional
+    weights : [..., k] float (any of the four dtypes), optional
         Routing weights (same shape as ``experts``): adds ``weight_mass``.
     plan : DispatchPlan, optional
         The dispatch plan of this routing: adds ``kept_counts`` and sets
@@ -307,7 +313,7 @@ def routing_stats(experts, num_experts, *, weights=None, plan=None):
     ex = V.index_array("experts", experts, upper=E)
     w = None
     if weights is not None:
-        w = V.float_array("weights", weights)
+        w = widened(V.float_array("weights", weights))[0]
         V.shape("weights", w, ex.shape)
         V.check_finite("weights", w)
     if plan is not None:
@@ -338,3 +344,101 @@ def _check_plan(plan, experts_shape, num_experts):
         raise ValueError(f"plan.dropped must have one entry per assignment "
                          f"({tuple(experts_shape)}), got shape {dropped.shape}")
     return np.asarray(kept, dtype=np.int64), dropped
+
+
+# ---------------------------------------------------------------- backward
+def load_balancing_loss_backward(probs, experts, *, mask=None, d_loss=1.0):
+    """Vector-Jacobian product of :func:`load_balancing_loss` with respect to ``probs``.
+
+    Parameters
+    ----------
+    probs : [..., E] float
+    experts : [..., k] int
+    mask : [...] bool, optional
+        As given to :func:`load_balancing_loss`.
+    d_loss : float
+        Gradient of the final loss with respect to this loss (its coefficient).
+
+    Returns
+    -------
+    d_probs : [..., E] float, dtype of ``probs``
+        ``d_loss * E * f_i / n`` for every counted token (``n`` of them),
+        0 for masked tokens. The load shares ``f_i`` come from a selection
+        and are constants (as in every framework).
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> numoe.load_balancing_loss_backward(np.full((2, 2), 0.5), np.array([[0], [0]]))
+    array([[1., 0.],
+           [1., 0.]])
+    """
+    if backend_of(probs=probs, experts=experts, mask=mask) == "cuda":
+        raise NotImplementedError("load_balancing_loss_backward has no CUDA backend yet")
+    from ._dtypes import widened
+
+    p_, dt = widened(probs)
+    p, lead = _expert_rows("probs", p_)
+    T, E = p.shape
+    ex = _experts_for("experts", experts, lead, E)
+    m = _token_mask(mask, lead, T)
+    d_loss = V.real("d_loss", d_loss)
+    nc = _n_chunks(T, _TOKEN_CHUNK)
+    prob_sums = np.empty((nc, E))
+    hist = np.empty((nc, E), dtype=np.int64)
+    ntok = np.zeros(nc, dtype=np.int64)
+    bad = np.zeros(nc, dtype=np.int64)
+    if T:
+        cpu.balance_sums(p, ex, m, _TOKEN_CHUNK, prob_sums, hist, ntok, bad)
+    if bad.any():
+        raise ValueError("probs holds NaN or inf in a counted token; all values must be finite")
+    out = np.zeros((T, E), dtype=p.dtype)
+    n = int(ntok.sum())
+    if n:
+        cnt = np.empty(E, dtype=np.int64)
+        cpu.merge_rows(hist, cnt)
+        row = d_loss * E * (cnt / (n * ex.shape[1])) / n
+        cpu.fill_rows(m, row, out)
+    return out.astype(dt, copy=False).reshape(lead + (E,))
+
+
+def router_z_loss_backward(logits, *, mask=None, d_loss=1.0):
+    """Vector-Jacobian product of :func:`router_z_loss`.
+
+    Parameters
+    ----------
+    logits : [..., E] float
+    mask : [...] bool, optional
+    d_loss : float
+        Gradient of the final loss with respect to the z-loss (its coefficient).
+
+    Returns
+    -------
+    d_logits : [..., E] float, dtype of ``logits``
+        ``d_loss * 2 * lse(z_t) * softmax(z_t) / n`` for each of the ``n``
+        counted tokens, 0 for masked ones (float64 inside).
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> numoe.router_z_loss_backward(np.zeros((1, 2)))   # 2 * log(2) * 0.5
+    array([[0.69314718, 0.69314718]])
+    """
+    if backend_of(logits=logits, mask=mask) == "cuda":
+        raise NotImplementedError("router_z_loss_backward has no CUDA backend yet")
+    from ._dtypes import widened
+
+    z_, dt = widened(logits)
+    z, lead = _expert_rows("logits", z_)
+    T, E = z.shape
+    m = _token_mask(mask, lead, T)
+    d_loss = V.real("d_loss", d_loss)
+    n = int(np.count_nonzero(m))
+    out = np.empty((T, E), dtype=z.dtype)
+    bad = np.zeros(_n_chunks(T, _TOKEN_CHUNK), dtype=np.int64)
+    if T:
+        cpu.z_loss_backward(z, m, 2.0 * d_loss / max(n, 1), _TOKEN_CHUNK, out, bad)
+    if bad.any():
+        raise ValueError("logits holds NaN or +inf, or a counted row that is -inf for every "
+                         "expert; logsumexp would not be finite")
+    return out.astype(dt, copy=False).reshape(lead + (E,))

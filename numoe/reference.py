@@ -260,3 +260,173 @@ def moe_forward(x, *, router, w_gate, w_up, w_down, top_k, score="softmax",
             sh = sh * special.expit(x2 @ np.asarray(shared_gate_weight, dtype=np.float64))[:, None]
         y = y + sh
     return y.reshape(*lead, y.shape[-1])
+
+
+# --------------------------------------------------------- backward (VJPs)
+# Each function returns the vector-Jacobian product of the forward above it,
+# in float64, with every selection (top-k, groups, selection bias, capacity
+# drops) held fixed. They are checked against finite differences in
+# tests/test_backward.py.
+def router_probs_backward(logits, d_probs, score="softmax"):
+    """``d_logits`` of :func:`router_probs` given ``d_probs``."""
+    s = router_probs(logits, score)
+    g = np.asarray(d_probs, dtype=np.float64)
+    if score == "softmax":
+        return s * (g - np.sum(g * s, axis=-1, keepdims=True))
+    return g * s * (1.0 - s)
+
+
+def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=True, scale=1.0):
+    """``d_logits`` of :func:`route`'s weights, the chosen experts held fixed."""
+    s = router_probs(logits, score)
+    ex = np.asarray(routing[1], dtype=np.int64)
+    dw = np.asarray(d_weights, dtype=np.float64) * scale
+    sc = np.take_along_axis(s, ex, axis=1)                  # chosen scores [T, k]
+    if renormalize:
+        tot = sc.sum(axis=1, keepdims=True) + 1e-20
+        # w_j = sc_j / tot: d sc_i = dw_i / tot - sum_j dw_j sc_j / tot**2
+        d_sc = dw / tot - np.sum(dw * sc, axis=1, keepdims=True) / tot ** 2
+    else:
+        d_sc = dw
+    d_s = np.zeros_like(s)
+    rows = np.arange(s.shape[0])
+    for j in range(ex.shape[1]):                            # repeated ids add up
+        np.add.at(d_s, (rows, ex[:, j]), d_sc[:, j])
+    return router_probs_backward(logits, d_s, score)
+
+
+def _positions(plan):
+    """``pos [T, k]``: row of ``xs`` holding assignment ``(t, j)``, -1 where dropped."""
+    T, k = plan.dropped.shape
+    pos = np.full(T * k, -1, dtype=np.int64)
+    pos[np.asarray(plan.order, dtype=np.int64)] = np.arange(len(plan.order))
+    return pos.reshape(T, k)
+
+
+def permute_backward(d_xs, plan):
+    """``d_x[t] = sum over kept slots j (in order) of d_xs[pos(t, j)]``."""
+    T, k = plan.dropped.shape
+    d_xs = np.asarray(d_xs, dtype=np.float64)
+    pos = _positions(plan)
+    d_x = np.zeros((T, d_xs.shape[1]))
+    for j in range(k):
+        m = pos[:, j] >= 0
+        d_x[m] += d_xs[pos[m, j]]
+    return d_x
+
+
+def unpermute_backward(d_y, ys, plan, weights):
+    """``(d_ys, d_weights)`` of :func:`unpermute`."""
+    T, k = plan.dropped.shape
+    d_y = np.asarray(d_y, dtype=np.float64)
+    ys = np.asarray(ys, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    pos = _positions(plan)
+    d_ys = np.zeros_like(ys)
+    d_w = np.zeros((T, k))
+    for j in range(k):
+        m = pos[:, j] >= 0
+        d_ys[pos[m, j]] = w[m, j, None] * d_y[m]
+        d_w[m, j] = np.sum(d_y[m] * ys[pos[m, j]], axis=1)
+    return d_ys, d_w
+
+
+def activation_grad(name, x):
+    """Derivative of :func:`activation` (relu: 1 where ``x > 0``)."""
+    if name == "silu":
+        s = special.expit(x)
+        return s * (1.0 + x * (1.0 - s))
+    if name == "gelu":
+        return 0.5 * (1.0 + special.erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(
+            2.0 * math.pi)
+    if name == "gelu_tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+    if name == "relu":
+        return (x > 0).astype(np.float64)
+    raise ValueError(name)
+
+
+def expert_ffn_backward(xs, offsets, w_gate, w_up, w_down, d_ys, *, activation="silu",
+                        b_gate=None, b_up=None, b_down=None, limit=None, alpha=1.702):
+    """Gradients of :func:`expert_ffn`: a dict with ``d_xs``, ``d_w_gate``, ``d_w_up``,
+    ``d_w_down``, ``d_b_gate``, ``d_b_up``, ``d_b_down`` (None where not given).
+
+    A clamped swiglu_oai input gets no gradient beyond its limit (as
+    ``torch.clamp``: the gradient passes where ``-limit <= v <= limit``).
+    """
+    f64 = lambda a: None if a is None else np.asarray(a, dtype=np.float64)  # noqa: E731
+    xs, d_ys = f64(xs), f64(d_ys)
+    wg, wu, wd, bg, bu, bd = map(f64, (w_gate, w_up, w_down, b_gate, b_up, b_down))
+    zero = lambda a: None if a is None else np.zeros_like(a)  # noqa: E731
+    out = dict(d_xs=np.zeros_like(xs), d_w_gate=zero(wg), d_w_up=zero(wu), d_w_down=zero(wd),
+               d_b_gate=zero(bg), d_b_up=zero(bu), d_b_down=zero(bd))
+    for e in range(wg.shape[0]):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        if hi == lo:
+            continue
+        x, dy = xs[lo:hi], d_ys[lo:hi]
+        g = x @ wg[e] + (0.0 if bg is None else bg[e])
+        if wu is None:
+            h, dg_of = globals()["activation"](activation, g), None
+        else:
+            u = x @ wu[e] + (0.0 if bu is None else bu[e])
+            if activation == "swiglu_oai":
+                lim = np.inf if limit is None else limit
+                gc, uc = np.minimum(g, lim), np.clip(u, -lim, lim)
+                sg = special.expit(alpha * gc)
+                h = (uc + 1.0) * gc * sg
+                dh_dg = (uc + 1.0) * (sg + alpha * gc * sg * (1.0 - sg)) * (g <= lim)
+                dh_du = gc * sg * (np.abs(u) <= lim)
+            else:
+                a = globals()["activation"](activation, g)
+                h = a * u
+                dh_dg = activation_grad(activation, g) * u
+                dh_du = a
+        dh = dy @ wd[e].T
+        out["d_w_down"][e] = h.T @ dy
+        if bd is not None:
+            out["d_b_down"][e] = dy.sum(0)
+        if wu is None:
+            dg = dh * activation_grad(activation, g)
+            out["d_xs"][lo:hi] = dg @ wg[e].T
+        else:
+            dg, du = dh * dh_dg, dh * dh_du
+            out["d_xs"][lo:hi] = dg @ wg[e].T + du @ wu[e].T
+            out["d_w_up"][e] = x.T @ du
+            if bu is not None:
+                out["d_b_up"][e] = du.sum(0)
+        out["d_w_gate"][e] = x.T @ dg
+        if bg is not None:
+            out["d_b_gate"][e] = dg.sum(0)
+    return out
+
+
+def load_balancing_loss_backward(probs, experts, *, mask=None, d_loss=1.0):
+    """``d_probs`` of :func:`load_balancing_loss` (the shares ``f_i`` held constant)."""
+    p = np.asarray(probs, dtype=np.float64)
+    ex = np.asarray(experts)
+    T, E = p.shape
+    m = np.ones(T, bool) if mask is None else np.asarray(mask, dtype=bool)
+    n = int(m.sum())
+    d = np.zeros((T, E))
+    if n == 0:
+        return d
+    f = expert_counts(ex[m], E) / (n * ex.shape[1])
+    d[m] = d_loss * E * f / n
+    return d
+
+
+def router_z_loss_backward(logits, *, mask=None, d_loss=1.0):
+    """``d_logits`` of :func:`router_z_loss`: ``2 * lse_t * softmax(z_t) / n`` per counted row."""
+    z = np.asarray(logits, dtype=np.float64)
+    T = z.shape[0]
+    m = np.ones(T, bool) if mask is None else np.asarray(mask, dtype=bool)
+    n = int(m.sum())
+    d = np.zeros_like(z)
+    if n == 0:
+        return d
+    lse = special.logsumexp(z[m], axis=1, keepdims=True)
+    d[m] = d_loss * 2.0 * lse * special.softmax(z[m], axis=1) / n
+    return d

@@ -7,6 +7,7 @@ import numpy as np
 
 from . import _validate as V
 from ._backend import backend_of, cuda_module
+from ._dtypes import widened
 from ._cpu import routing as cpu
 from ._types import Routing
 
@@ -102,8 +103,9 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
 
     Parameters
     ----------
-    logits : [..., E] float32 or float64
-        Router logits; leading dims are flattened to T tokens. ``-inf``
+    logits : [..., E] float16, bfloat16, float32 or float64
+        Router logits (any byte order); leading dims are flattened to T
+        tokens. 16-bit logits are widened to float32 (exactly). ``-inf``
         marks a masked expert (score 0); NaN and ``+inf`` are rejected, as
         is (for softmax) a row that is ``-inf`` everywhere.
     k : int
@@ -112,7 +114,7 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
         Softmax over all E experts, or an elementwise sigmoid.
     renormalize : bool
         Divide the chosen scores by their sum (``+ 1e-20`` guard).
-    bias : [E] float, optional
+    bias : [E] float (any of the four dtypes), optional
         Selection-only bias: experts are chosen by ``s + bias`` while the
         weights come from the unbiased scores ``s`` (DeepSeek-V3).
     n_groups : int
@@ -129,6 +131,8 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
     Routing
         ``weights [..., k]`` (input float dtype) and ``experts [..., k]``
         int32, ordered by descending selection score, ties to the lower id.
+        For 16-bit logits the weights are computed as for float32 logits
+        and rounded once to the input dtype.
 
     Notes
     -----
@@ -155,6 +159,7 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
             logits, k, score=score, renormalize=renormalize, bias=bias, n_groups=n_groups,
             topk_groups=topk_groups, group_score=group_score, scale=scale)
     z, lead = _expert_rows("logits", logits)
+    z, dt = widened(z)          # 16-bit: float32 values, same order and ties
     E = z.shape[1]
     opt = _check_route_options(E, k, score, renormalize,
                                None if bias is None else np.shape(bias), n_groups,
@@ -176,6 +181,7 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
                               opt.topk_groups, opt.group_max, opt.scale, _CHUNK, _RANK_MAX,
                               weights, experts, status)
         _raise_row_status("logits", status)
+    weights = weights.astype(dt, copy=False)
     return Routing(weights.reshape(lead + (k,)), experts.reshape(lead + (k,)))
 
 
@@ -184,16 +190,18 @@ def router_probs(logits, score="softmax"):
 
     Parameters
     ----------
-    logits : [..., E] float32 or float64
-        Router logits (``-inf`` allowed: score 0; NaN/``+inf`` rejected;
-        for softmax a row may not be ``-inf`` everywhere).
+    logits : [..., E] float16, bfloat16, float32 or float64
+        Router logits, any byte order (``-inf`` allowed: score 0;
+        NaN/``+inf`` rejected; for softmax a row may not be ``-inf``
+        everywhere).
     score : {"softmax", "sigmoid"}
         Softmax over the experts, or an elementwise sigmoid.
 
     Returns
     -------
     [..., E] float (input dtype)
-        Scores computed in float64 and stored in the input dtype.
+        Scores computed in float64 and stored in the input dtype (16-bit
+        inputs: stored as float32, then rounded to the input dtype).
 
     Examples
     --------
@@ -205,10 +213,139 @@ def router_probs(logits, score="softmax"):
         return cuda_module("routing").router_probs(logits, score=score)
     V.choice("score", score, SCORES)
     z, lead = _expert_rows("logits", logits)
+    z, dt = widened(z)
     out = np.empty_like(z)
     status = np.empty(z.shape[0], dtype=np.uint8)
     use_sigmoid = score == "sigmoid"
     if z.size:
         cpu.probs(z, use_sigmoid, _CHUNK, out, status)
         _raise_row_status("logits", status)
-    return out.reshape(lead + (z.shape[1],))
+    return out.astype(dt, copy=False).reshape(lead + (z.shape[1],))
+
+
+# ------------------------------------------------------------------ backward
+def _backward_rows(name, a):
+    """A host ``[..., E]`` array as float32/float64 ``[T, E]`` (16-bit widened to
+    float32), its leading shape and its storage dtype."""
+    from ._dtypes import widened
+
+    arr, dt = widened(a)
+    z, lead = _expert_rows(name, arr)
+    return z, lead, dt
+
+
+def router_probs_backward(logits, d_probs, *, score="softmax"):
+    """Vector-Jacobian product of :func:`router_probs`.
+
+    Parameters
+    ----------
+    logits : [..., E] float
+        The logits the forward saw (``-inf``: masked expert, gets 0).
+    d_probs : [..., E] float
+        Gradient of the loss with respect to the scores (finite).
+    score : {"softmax", "sigmoid"}
+
+    Returns
+    -------
+    d_logits : [..., E] float, dtype of ``logits``
+        ``s * (d_probs - sum(d_probs * s))`` (softmax) or
+        ``d_probs * s * (1 - s)`` (sigmoid), computed in float64 per row.
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> numoe.router_probs_backward(np.zeros((1, 2)), np.array([[1.0, 0.0]]))
+    array([[ 0.25, -0.25]])
+    """
+    if backend_of(logits=logits, d_probs=d_probs) == "cuda":
+        raise NotImplementedError("router_probs_backward has no CUDA backend yet")
+    V.choice("score", score, SCORES)
+    z, lead, dt = _backward_rows("logits", logits)
+    g, _ = _widened_float("d_probs", d_probs)
+    if g.shape != tuple(lead) + (z.shape[1],):
+        raise ValueError(f"d_probs must have the shape of logits {tuple(lead) + (z.shape[1],)}"
+                         f", got {g.shape}")
+    g = g.reshape(z.shape)
+    V.check_finite("d_probs", g)
+    out = np.zeros_like(z)
+    status = np.empty(z.shape[0], dtype=np.uint8)
+    if z.size:
+        cpu.probs_backward(z, g, score == "sigmoid", _CHUNK, out, status)
+        _raise_row_status("logits", status)
+    return out.astype(dt, copy=False).reshape(lead + (z.shape[1],))
+
+
+def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=True,
+                   scale=1.0):
+    """Vector-Jacobian product of :func:`route`'s weights, the chosen experts held fixed.
+
+    Parameters
+    ----------
+    logits : [..., E] float
+        The logits given to :func:`route`.
+    routing : Routing
+        What :func:`route` returned (``experts [..., k]`` is read; the
+        selection, groups and selection bias carry no gradient).
+    d_weights : [..., k] float
+        Gradient of the loss with respect to ``routing.weights`` (finite).
+    score, renormalize, scale
+        As given to :func:`route`.
+
+    Returns
+    -------
+    d_logits : [..., E] float, dtype of ``logits``
+
+    Notes
+    -----
+    With ``w_j = scale * s_j / S`` (``S`` the sum of the chosen scores plus
+    ``1e-20``), ``d s_j = scale * (dw_j / S - sum_i dw_i s_i / S**2)``;
+    then through the softmax (``s * (g - g.s)``) or sigmoid
+    (``g * s * (1 - s)``). float64 inside, one pass per row.
+
+    Examples
+    --------
+    >>> import numpy as np, numoe
+    >>> z = np.array([[0.0, 1.0, 2.0]])
+    >>> r = numoe.route(z, 2)
+    >>> d = numoe.route_backward(z, r, np.array([[1.0, 0.0]]))
+    >>> bool(np.allclose(d, numoe.reference.route_backward(z, r, [[1.0, 0.0]])))
+    True
+    """
+    if not isinstance(routing, tuple) or len(routing) != 2:
+        raise TypeError("routing must be a numoe.Routing (weights, experts) from route(), "
+                        f"got {type(routing).__name__}")
+    if backend_of(logits=logits, experts=routing[1], d_weights=d_weights) == "cuda":
+        raise NotImplementedError("route_backward has no CUDA backend yet")
+    V.choice("score", score, SCORES)
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    scale = V.real("scale", scale)
+    z, lead, dt = _backward_rows("logits", logits)
+    T, E = z.shape
+    ex = V.index_array("routing.experts", routing[1], upper=E)
+    if ex.ndim != len(lead) + 1 or ex.shape[:-1] != tuple(lead) or ex.shape[-1] < 1:
+        raise ValueError(f"routing.experts must have shape {tuple(lead) + ('k',)} with "
+                         f"k >= 1, got {ex.shape}")
+    k = ex.shape[-1]
+    ex = ex.reshape(T, k)
+    dwa, _ = _widened_float("d_weights", d_weights)
+    if dwa.shape != tuple(lead) + (k,):
+        raise ValueError(f"d_weights must have shape {tuple(lead) + (k,)} (that of "
+                         f"routing.experts), got {dwa.shape}")
+    dw = np.ascontiguousarray(dwa.reshape(T, k), dtype=np.float64)
+    V.check_finite("d_weights", dw)
+    out = np.zeros_like(z)
+    status = np.empty(T, dtype=np.uint8)
+    if T:
+        cpu.route_backward(z, ex, dw, score == "sigmoid", bool(renormalize), scale, _CHUNK,
+                           out, status)
+        _raise_row_status("logits", status)
+    return out.astype(dt, copy=False).reshape(lead + (E,))
+
+
+def _widened_float(name, a):
+    """A host float array (16-bit widened to float32) and its storage dtype (backward ops)."""
+    from ._dtypes import widened
+
+    arr, dt = widened(a)
+    return V.float_array(name, arr), dt

@@ -16,6 +16,7 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and not ctypes.util.find_library("cu
 
     numba.core.config.reload_config()
 
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
@@ -70,3 +71,11 @@ def to_host(a):
 # tolerances per float dtype, for comparisons with the float64 reference
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}
 ATOL = {np.float32: 2e-6, np.float64: 1e-13}
+# 16-bit results are computed in float32 and rounded once to the storage dtype
+# (tests/test_precision.py): the float32 tolerance plus one rounding, the unit
+# roundoff u = 2**-8 (bfloat16, 8-bit significand) or 2**-11 (float16, 11 bits);
+# float16 results below 2**-14 are subnormal, absolute error up to 2**-25.
+RTOL[np.float16] = 2.0**-11 + RTOL[np.float32]
+ATOL[np.float16] = 2.0**-25 + ATOL[np.float32]
+RTOL[ml_dtypes.bfloat16] = 2.0**-8 + RTOL[np.float32]
+ATOL[ml_dtypes.bfloat16] = ATOL[np.float32]

@@ -382,3 +382,202 @@ def test_cupy_and_torch_inputs():
         y = numoe.unpermute(numoe.permute(xx, p), p, r.weights)
         np.testing.assert_allclose(host(y), x * host(r.weights).sum(1, keepdims=True),
                                    rtol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------ 16-bit floats
+# The simulator runs the same widening helper as the GPU (only the float32
+# bit casts differ), so float16 and bfloat16 are both tested here; the real
+# GPU runs these tests too (tools/gpu_check.py adds full-size checks).
+import ml_dtypes  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NARROW = (np.dtype(np.float16), BF16)
+# a 16-bit result is the float32 computation rounded once (2**-9 for bfloat16,
+# 2**-12 for float16), plus float32 accumulation: tolerances of a few roundings
+EPS16 = {np.dtype(np.float16): 2.0 ** -9, BF16: 2.0 ** -6}
+
+
+def f64(a):
+    return np.asarray(host(a)).astype(np.float64)
+
+
+def close16(got, want, dtype):
+    got = host(got)
+    assert got.dtype == np.dtype(dtype), got.dtype
+    want = np.asarray(want, np.float64)
+    eps = EPS16[np.dtype(dtype)]
+    scale = float(np.abs(want).max()) if want.size else 1.0
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=eps, atol=eps * scale)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_widen_narrow_match_ml_dtypes(dtype):
+    from numoe._cuda import _arrays as A
+    step = 13 if SIM else 1                      # the simulator is slow: a sample
+    pats = np.arange(0, 65536, step, dtype=np.uint16)
+    pats = np.concatenate([pats, np.array([0, 0x8000, 0x7C00, 0xFC00, 0x7F80, 0xFF80,
+                                           0x0001, 0x8001, 0x03FF, 0x0400], np.uint16)])
+    h = pats.view(dtype)
+    want = h.astype(np.float32)
+    got = host(A.astype(dev(h), np.float32))
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), pats[~same][:5]
+    # narrowing: every finite value, values between neighbours (ties included),
+    # overflow, underflow, subnormals
+    fin = want[np.isfinite(want)]
+    mid = (fin.astype(np.float64) * (1 + 2.0 ** -9)).astype(np.float32)
+    tie = (fin.astype(np.float64) * (1 + 2.0 ** -8 if dtype == BF16 else 1 + 2.0 ** -11))
+    x = np.concatenate([fin, mid, tie.astype(np.float32), np.array(
+        [np.inf, -np.inf, 65519.0, 65520.0, 1e6, 3e-8, -3e-8, 2.9802322e-08, 1e-40],
+        np.float32)])
+    with np.errstate(over="ignore"):
+        want16 = x.astype(dtype).view(np.uint16)
+    got16 = host(A.astype(dev(x), dtype)).view(np.uint16)
+    bad = got16 != want16
+    assert not bad.any(), (x[bad][:5], got16[bad][:5], want16[bad][:5])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_route_probs_16bit(dtype):
+    rng = np.random.default_rng(21)
+    T, E, k = 24, 8, 3
+    z = (rng.standard_normal((T, E)) * 2).astype(dtype)
+    z[0] = 1.0                                   # ties
+    z[2, :3] = -np.inf
+    z32 = z.astype(np.float32)
+    for kw in ({}, dict(score="sigmoid", renormalize=False, scale=2.0)):
+        got = numoe.route(dev(z), k, **kw)
+        np.testing.assert_array_equal(host(got.experts), numoe.route(z32, k, **kw).experts)
+        close16(got.weights, ref.route(z32.astype(np.float64), k, **kw).weights, dtype)
+    for score in ("softmax", "sigmoid"):
+        close16(numoe.router_probs(dev(z), score), ref.router_probs(f64(z), score), dtype)
+    bad = z.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="row 3"):
+        numoe.route(dev(bad), 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_dispatch_permute_unpermute_16bit(dtype):
+    rng = np.random.default_rng(22)
+    T, k, E, H = 20, 3, 5, 12
+    ex = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    w = (rng.integers(-2, 5, size=(T, k)) * 0.25).astype(dtype)     # ties
+    want = numoe.dispatch_plan(ex, E, capacity=7, weights=w.astype(np.float32),
+                               drop_policy="score")
+    plan = numoe.dispatch_plan(dev(ex), E, capacity=7, weights=dev(w), drop_policy="score")
+    for f in ("order", "offsets", "counts", "dropped"):
+        np.testing.assert_array_equal(host(getattr(plan, f)), getattr(want, f), err_msg=f)
+    x = rng.standard_normal((T, H)).astype(dtype)
+    xs = numoe.permute(dev(x), plan)
+    np.testing.assert_array_equal(host(xs).view(np.uint16),
+                                  x.view(np.uint16)[want.order // k])   # bits moved
+    ys = rng.standard_normal(host(xs).shape).astype(dtype)
+    wr = rng.random((T, k)).astype(dtype)
+    y = numoe.unpermute(dev(ys), plan, dev(wr))
+    close16(y, ref.unpermute(f64(ys), want, f64(wr)), dtype)
+    np.testing.assert_array_equal(host(y).view(np.uint16),
+                                  host(numoe.unpermute(dev(ys), plan, dev(wr))).view(np.uint16))
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt,wdt", [(np.float16, np.float16), (BF16, BF16),
+                                     (np.float32, BF16), (np.float32, np.float16)], ids=str)
+@pytest.mark.parametrize("glu,act,bias,limit", FFN_CASES[:3] + FFN_CASES[3:4])
+def test_expert_ffn_16bit(xdt, wdt, glu, act, bias, limit):
+    rng = np.random.default_rng(23)
+    E, H, F = 3, 12, 10
+    counts = np.array([5, 0, 11])
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    xs = rng.standard_normal((off[-1], H)).astype(xdt)
+    wg = (rng.standard_normal((E, H, F)) * 0.3).astype(wdt)
+    wu = (rng.standard_normal((E, H, F)) * 0.3).astype(wdt) if glu else None
+    wd = (rng.standard_normal((E, F, H)) * 0.3).astype(wdt)
+    b = lambda *s: (rng.standard_normal(s) * 0.1).astype(xdt) if bias else None  # noqa
+    bg, bu, bd = b(E, F), (b(E, F) if glu else None), b(E, H)
+    g = lambda a: None if a is None else f64(a)  # noqa: E731
+    want = ref.expert_ffn(f64(xs), off, f64(wg), g(wu), f64(wd), activation=act,
+                          b_gate=g(bg), b_up=g(bu), b_down=g(bd), limit=limit)
+    d = lambda a: None if a is None else dev(a)  # noqa: E731
+    got = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act, b_gate=d(bg),
+                           b_up=d(bu), b_down=d(bd), limit=limit)
+    check = close16 if np.dtype(xdt) in NARROW else None
+    if check is None:                # float32 x, 16-bit weights: float32 result
+        assert host(got).dtype == np.float32
+        np.testing.assert_allclose(host(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    else:
+        check(got, want, xdt)
+    from numoe._cuda import experts as X
+    opts = numoe.experts._check_expert_options(act, limit, 1.702, glu)
+    for force in ("tiled", "skinny"):
+        out = dev(np.full(want.shape, np.nan, xdt))
+        X.run_ffn(d(xs), None, 0, d(off), int(off[-1]), d(wg), d(wu), d(wd),
+                  *X._check_weights(np.dtype(xdt), H, d(wg), d(wu), d(wd), d(bg), d(bu),
+                                    d(bd))[3:6],
+                  opts.code, opts.limit, opts.alpha, out, None, None, force=force)
+        np.testing.assert_array_equal(host(out).view(np.uint8), host(got).view(np.uint8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+def test_losses_16bit(dtype):
+    from numoe._cuda import losses as L
+    rng = np.random.default_rng(24)
+    T, E, k = 40, 6, 2
+    z = rng.standard_normal((T, E)).astype(dtype)
+    p = ref.router_probs(f64(z)).astype(dtype)
+    ex = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    mask = rng.random(T) < 0.7
+    assert L.load_balancing_loss(dev(p), dev(ex), mask=dev(mask)) == pytest.approx(
+        ref.load_balancing_loss(f64(p), ex, mask=mask), rel=1e-6)
+    assert L.router_z_loss(dev(z)) == pytest.approx(ref.router_z_loss(f64(z)), rel=1e-6)
+    b = rng.standard_normal(E).astype(dtype)
+    cnt = L.expert_counts(dev(ex), E)
+    np.testing.assert_array_equal(host(L.update_bias(dev(b), cnt, 0.01)),
+                                  ref.update_bias(b.astype(np.float32), host(cnt), 0.01))
+    w = rng.random((T, k)).astype(dtype)
+    st = L.routing_stats(dev(ex), E, weights=dev(w))
+    np.testing.assert_allclose(host(st["weight_mass"]),
+                               ref.routing_stats(ex, E, weights=f64(w))["weight_mass"],
+                               rtol=1e-6)
+
+
+def _device_layer(cfg, seed, xdt, wdt):
+    """A stand-in for ``MoELayer(...).to_device()`` with 16-bit storage (the fused
+    forward reads only these attributes), and the float64 reference weights."""
+    from types import SimpleNamespace
+    layer = numoe.MoELayer.random(cfg, seed=seed)
+    w = layer.weights()
+    rounded = {}
+    for name in ("router", "w_gate", "w_up", "w_down"):
+        a = w.get(name)
+        rounded[name] = None if a is None else np.asarray(a).astype(wdt)
+    dv = {n: (None if a is None else dev(a)) for n, a in rounded.items()}
+    ns = SimpleNamespace(config=cfg, router=dv["router"], router_bias=None,
+                         selection_bias=None, w_gate=dv["w_gate"], w_up=dv["w_up"],
+                         w_down=dv["w_down"], b_gate=None, b_up=None, b_down=None,
+                         shared_gate_weight=None, _dev={})
+    refw = {n: (None if a is None else f64(a)) for n, a in rounded.items()}
+    return ns, refw
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt,wdt", [(BF16, BF16), (np.float16, np.float16),
+                                     (np.float32, BF16)], ids=str)
+def test_fused_layer_16bit(xdt, wdt):
+    from numoe._cuda import moe
+    rng = np.random.default_rng(25)
+    cfg = numoe.MoEConfig.mixtral(num_experts=8, top_k=2, hidden_dim=16, expert_dim=12)
+    layer, refw = _device_layer(cfg, 3, wdt, wdt)
+    x = rng.standard_normal((2, 5, 16)).astype(xdt)
+    y, (logits, routing, plan) = moe.forward(layer, dev(x), return_parts=True)
+    assert host(y).dtype == np.dtype(xdt) and tuple(y.shape) == (2, 5, 16)
+    # the reference routes on the device's float32 logits (same experts), weights
+    # and sums in float64 on the rounded values
+    want = ref.moe_forward(f64(x), **refw, top_k=2)
+    got = f64(y)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < (1e-2 if np.dtype(xdt) == BF16 else 2e-3), err

@@ -88,6 +88,18 @@ SCRIPT = textwrap.dedent(r'''
         record(f"unpermute.{mode}", cpu.unpermute(xs, pos, weights, k_,
                                                   np.empty((T, H), np.float32), mode=mode))
 
+    # 16-bit storage (computed in float32), recorded as uint16 bits
+    import ml_dtypes
+    for dt16 in (np.float16, ml_dtypes.bfloat16):
+        tag, z16, b16 = np.dtype(dt16).name, logits[np.float64].astype(dt16), bias.astype(dt16)
+        run(f"route.groups.{tag}", lambda: (lambda r: (r.weights.view(np.uint16), r.experts))(
+            numoe.route(z16, k, bias=b16, n_groups=8, topk_groups=4)))
+        run(f"router_probs.{tag}", lambda: numoe.router_probs(z16).view(np.uint16))
+        xs16 = numoe.permute(x.astype(dt16), plans["score"])
+        record(f"permute.{tag}", xs16.view(np.uint16))
+        record(f"unpermute.{tag}", numoe.unpermute(xs16, plans["score"],
+                                                   weights.astype(dt16)).view(np.uint16))
+
     run("load_balancing_loss", lambda: numoe.load_balancing_loss(probs, experts))
     run("load_balancing_loss.mask", lambda: numoe.load_balancing_loss(
         probs, experts, mask=np.arange(T) % 3 != 0))
@@ -167,8 +179,9 @@ def _combine(x, experts, weights, E):
     return numoe.unpermute(ys, plan, weights)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_token_results_do_not_depend_on_the_batch(dtype):
+    dtype = np.dtype(dtype).type                # ("bfloat16": registered by ml_dtypes)
     rng = np.random.default_rng(99)
     T, E, k, H = 3000, 48, 6, 24
     logits = rng.normal(0, 3, (T, E)).astype(dtype)

@@ -25,6 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .._jit import driver, kernel
+from ._narrow import f32_to_bf16, f32_to_f16, widen
 
 # Drop-policy codes shared with the public wrapper.
 POLICY_SLOT = 0
@@ -44,6 +45,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 # memory traffic. Smaller outputs stay in cache for the next op. Same bits.
 STREAM_MIN_BYTES = 32 << 20
 ROWS_PER_TASK = 16          # rows per streaming task (one store fence each)
+NARROW_ROWS_PER_TASK = 16   # tokens per 16-bit unpermute task (one float32 scratch row)
 
 
 def chunk_size(m, num_experts):
@@ -62,7 +64,8 @@ def _stream32(typingctx, dst, di, src, si):
     """Copy the 32 bytes at ``src[si:]`` to ``dst[di:]`` with one non-temporal
     vector store. ``dst[di]`` must be 32-byte aligned; ``src`` may be unaligned."""
     if not (isinstance(dst, types.Array) and isinstance(src, types.Array)
-            and dst.dtype == src.dtype and dst.dtype in (types.float32, types.float64)):
+            and dst.dtype == src.dtype
+            and dst.dtype in (types.float32, types.float64, types.uint16)):
         return None
     sig = types.void(dst, di, src, si)
 
@@ -424,6 +427,55 @@ def _unpermute_serial(ys, pos, w, k, zero, out):
         _combine_row(ys, pos, w[t], t * k, k, zero, out[t])
 
 
+# 16-bit ys/out (uint16 bits; ``kind`` 1 bfloat16, 2 float16, as in ``_narrow``):
+# each token's row is summed in a float32 scratch row, in the same order as
+# ``_combine_row``, and rounded once (nearest even) into the output bits.
+@kernel
+def _combine_row_narrow(ys, pos, wt, base, k, kind, acc, row):
+    """``row = narrow(((0 + w0*y0) + w1*y1) + ...)``, float32 sum, one rounding."""
+    width = row.shape[0]
+    first = True
+    for j in range(k):
+        p = pos[base + j]
+        if p >= 0:
+            wj = wt[j]
+            src = ys[p]
+            if first:
+                for h in range(width):
+                    acc[h] = np.float32(0.0) + wj * widen(src[h], kind)
+                first = False
+            else:
+                for h in range(width):
+                    acc[h] += wj * widen(src[h], kind)
+    if first:
+        for h in range(width):
+            row[h] = 0                  # +0.0 in both 16-bit formats
+    elif kind == 2:
+        for h in range(width):
+            row[h] = f32_to_f16(acc[h])
+    else:
+        for h in range(width):
+            row[h] = f32_to_bf16(acc[h])
+
+
+@driver
+def _unpermute_narrow(ys, pos, w, k, kind, rows, out):
+    """:func:`_unpermute` for 16-bit ``ys``/``out`` (float32 ``w``); tasks of
+    ``rows`` tokens share one float32 scratch row (any ``rows``: same bits)."""
+    T, H = out.shape
+    for b in prange((T + rows - 1) // rows):
+        acc = np.empty(H, np.float32)
+        for t in range(b * rows, min(T, b * rows + rows)):
+            _combine_row_narrow(ys, pos, w[t], t * k, k, kind, acc, out[t])
+
+
+@kernel
+def _unpermute_narrow_serial(ys, pos, w, k, kind, out):
+    acc = np.empty(out.shape[1], np.float32)
+    for t in range(out.shape[0]):
+        _combine_row_narrow(ys, pos, w[t], t * k, k, kind, acc, out[t])
+
+
 # -------------------------------------------------------------- host helpers
 def dispatch_plan(ex, num_experts, k, cap, policy, w, idx_dtype, *, chunk=None):
     """Build a plan from validated inputs.
@@ -504,4 +556,70 @@ def unpermute(ys, pos, w, k, out, *, mode=None):
         mode = "parallel" if ys.size + out.size > PARALLEL_MIN_ELEMENTS else "serial"
     (_unpermute if mode == "parallel" else _unpermute_serial)(
         ys, pos, w, k, out.dtype.type(0), out)
+    return out
+
+
+# ------------------------------------------------------------------ backward
+@kernel
+def _unpermute_backward_row(d_y, ys, pos, w, base, k, d_ys, d_w):
+    """One token: ``d_ys[p] = w[j] * d_y`` and ``d_w[j] = d_y . ys[p]`` (float64 sum,
+    fixed order) for each kept slot ``j`` (``p = pos[base + j]``); 0 where dropped."""
+    H = d_y.shape[0]
+    for j in range(k):
+        p = pos[base + j]
+        if p < 0:
+            d_w[j] = 0.0
+            continue
+        wj = w[j]
+        src = ys[p]
+        dst = d_ys[p]
+        acc = 0.0
+        for h in range(H):
+            dst[h] = wj * d_y[h]
+            acc += np.float64(d_y[h]) * np.float64(src[h])
+        d_w[j] = acc
+
+
+@driver
+def _unpermute_backward(d_y, ys, pos, w, k, d_ys, d_w):
+    """:func:`_unpermute_backward_row` for every token (each owns its rows)."""
+    for t in prange(d_y.shape[0]):
+        _unpermute_backward_row(d_y[t], ys, pos, w[t], t * k, k, d_ys, d_w[t])
+
+
+@kernel
+def _unpermute_backward_serial(d_y, ys, pos, w, k, d_ys, d_w):
+    for t in range(d_y.shape[0]):
+        _unpermute_backward_row(d_y[t], ys, pos, w[t], t * k, k, d_ys, d_w[t])
+
+
+def unpermute_backward(d_y, ys, pos, w, k, d_ys, d_w, *, mode=None):
+    """Fill ``d_ys [N, H]`` (dtype of ``d_y``) and ``d_w [T, k]`` float64 from
+    ``d_y [T, H]``, ``ys [N, H]``, ``w [T, k]`` (``d_y``'s dtype) and ``pos``."""
+    if mode is None:
+        mode = "parallel" if ys.size + d_y.size > PARALLEL_MIN_ELEMENTS else "serial"
+    (_unpermute_backward if mode == "parallel" else _unpermute_backward_serial)(
+        d_y, ys, pos, w, k, d_ys, d_w)
+    return d_ys, d_w
+
+
+def permute_backward(d_xs, pos, k, out, *, mode=None):
+    """``out[t] = sum over kept slots j (ascending) of d_xs[pos[t*k + j]]``: the
+    combine of :func:`unpermute` with unit weights (``1 * v`` is exact)."""
+    ones = np.ones((out.shape[0], k), dtype=out.dtype)
+    return unpermute(d_xs, pos, ones, k, out, mode=mode)
+
+
+def unpermute_narrow(ys, pos, w, k, out, kind, *, mode=None):
+    """:func:`unpermute` for 16-bit storage: ``ys [N, H]`` and ``out [T, H]`` as
+    ``uint16`` bits of ``kind`` (1 bfloat16, 2 float16), ``w [T, k]`` float32.
+
+    Accumulates in float32 and rounds each output element once.
+    """
+    if mode is None:
+        mode = "parallel" if ys.size + out.size > PARALLEL_MIN_ELEMENTS else "serial"
+    if mode == "parallel":
+        _unpermute_narrow(ys, pos, w, k, kind, NARROW_ROWS_PER_TASK, out)
+    else:
+        _unpermute_narrow_serial(ys, pos, w, k, kind, out)
     return out

@@ -56,7 +56,9 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .. import _dtypes as D
 from .._jit import driver, kernel
+from ._narrow import FLOAT, INT8, kind_of, widen, widen_cols
 
 # Task rules. Results depend on these (and on the sizes), never on threads.
 SMALL_ROWS = 10         # expert blocks with fewer rows stream their weights
@@ -67,6 +69,8 @@ MIN_TASK_ROWS = 64
 MAX_TASK_ROWS = 512
 MATMUL_ROWS = 256       # row block of the router-logits product
 SERIAL_COST = 1.0e-4    # jobs estimated under this many seconds skip the threads
+STREAM_ROWS = 64        # row block of a streaming task in batch-invariant mode
+BLAS_TILE = 256         # columns of a widened weight tile (narrow/int8 BLAS tasks)
 
 # task kinds (literal in the kernels, which read no module globals)
 BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
@@ -147,8 +151,13 @@ def gather_rows(x, order, k, lo, hi, out):
 
 
 @kernel(fastmath=True)
-def stream_matmul(x, w, c0, c1, acc, o0):
+def stream_matmul(x, w, wkind, scale, c0, c1, acc, o0):
     """``acc[:, o0:o0+c1-c0] = x @ w[:, c0:c1]``, reading the weight rows once, in order.
+
+    ``w`` is a float array or narrow storage of kind ``wkind`` (``uint16``
+    bits of bfloat16/float16, or int8 values whose per-column ``scale``
+    multiplies each finished column; ``scale`` is empty otherwise), widened
+    in registers by :func:`numoe._cpu._narrow.widen`.
 
     For each group of four weight rows, every output element gets
     ``a0*w0 + a1*w1 + a2*w2 + a3*w3`` added: a fixed order over the inner
@@ -184,7 +193,8 @@ def stream_matmul(x, w, c0, c1, acc, o0):
                 cm = acc[m + 2, o0 + j0 - c0:o0 + j1 - c0]
                 dm = acc[m + 3, o0 + j0 - c0:o0 + j1 - c0]
                 for j in range(j1 - j0):
-                    v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+                    v0, v1 = widen(w0[j], wkind), widen(w1[j], wkind)
+                    v2, v3 = widen(w2[j], wkind), widen(w3[j], wkind)
                     am[j] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
                     bm[j] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
                     cm[j] += q0 * v0 + q1 * v1 + q2 * v2 + q3 * v3
@@ -193,47 +203,60 @@ def stream_matmul(x, w, c0, c1, acc, o0):
                 a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
                 am = acc[m, o0 + j0 - c0:o0 + j1 - c0]
                 for j in range(j1 - j0):
-                    am[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+                    am[j] += (a0 * widen(w0[j], wkind) + a1 * widen(w1[j], wkind)
+                              + a2 * widen(w2[j], wkind) + a3 * widen(w3[j], wkind))
     for kk in range(k4, K):
         wr = w[kk, c0:c1]
         for m in range(M):
             a = x[m, kk]
             am = acc[m, o0:o0 + n]
             for j in range(n):
-                am[j] += a * wr[j]
+                am[j] += a * widen(wr[j], wkind)
+    if scale.shape[0] > 0:
+        sc = scale[c0:c1]
+        for m in range(M):
+            am = acc[m, o0:o0 + n]
+            for j in range(n):
+                am[j] *= sc[j]
 
 
 @kernel
-def stream_glu(x, w1, wu, fused, glu, F, c0, c1, bg, bu, code, limit, alpha, h):
-    """Columns ``c0:c1`` of the activated hidden layer ``h`` for a few rows ``x``.
+def stream_glu(x, ew, e, fused, glu, F, c0, c1, code, limit, alpha, h):
+    """Columns ``c0:c1`` of the activated hidden layer ``h`` for a few rows ``x``
+    through expert ``e`` of the weights ``ew`` (:class:`ExpertWeights`).
 
-    ``w1`` is the fused ``[H, 2F]`` gate|up matrix (``fused``) or the
-    ``[H, F]`` gate; ``wu`` the ``[H, F]`` up matrix when not fused. A
+    ``ew.w1[e]`` is the fused ``[H, 2F]`` gate|up matrix (``fused``) or the
+    ``[H, F]`` gate; ``ew.wu[e]`` the ``[H, F]`` up matrix when not fused. A
     fused full-width call streams each weight row once for gate and up.
-    ``bg`` / ``bu`` are full ``[F]`` biases (or empty).
+    Biases are full ``[F]`` rows (or empty).
     """
     M = x.shape[0]
     n = c1 - c0
+    bg = ew.bg[e]
+    bu = ew.bu[e]
     bgc = bg[c0:c1] if bg.shape[0] > 0 else bg
     buc = bu[c0:c1] if bu.shape[0] > 0 else bu
     whole = fused and c0 == 0 and c1 == F          # one pass over [gate | up] rows
     parts = 1 if whole or not glu else 2
     acc = np.empty((M, 2 * n if glu else n), dtype=h.dtype)
     for part in range(parts):
-        w = wu if part == 1 and not fused else w1
         lo = c0 + (F if part == 1 and fused else 0)
         hi = lo + (2 * n if whole else n)
-        stream_matmul(x, w, lo, hi, acc, part * n)
+        if part == 1 and not fused:
+            stream_matmul(x, ew.wu[e], ew.ku, ew.su[e], lo, hi, acc, part * n)
+        else:
+            stream_matmul(x, ew.w1[e], ew.k1, ew.s1[e], lo, hi, acc, part * n)
     glu_rows(acc, 0, acc, n, glu, bgc, buc, code, limit, alpha, h, c0, n)
 
 
 @kernel
-def stream_down(h, wd, c0, c1, bd, out):
-    """``out[:, c0:c1] = h @ wd[:, c0:c1] + bd[c0:c1]`` for a few rows."""
+def stream_down(h, ew, e, c0, c1, out):
+    """``out[:, c0:c1] = h @ wd[e][:, c0:c1] + bd[e][c0:c1]`` for a few rows."""
     M = h.shape[0]
     n = c1 - c0
     acc = np.empty((M, n), dtype=out.dtype)
-    stream_matmul(h, wd, c0, c1, acc, 0)
+    stream_matmul(h, ew.wd[e], ew.kd, ew.sd[e], c0, c1, acc, 0)
+    bd = ew.bd[e]
     hasb = bd.shape[0] > 0
     for m in range(M):
         for j in range(n):
@@ -276,58 +299,112 @@ def _next_task(typingctx, counter):
 
 
 # --------------------------------------------------------------------- driver
+class ExpertWeights(NamedTuple):
+    """The weights of one streaming job, as the kernels take them (one argument).
+
+    ``w1 [E, H, 2F or F]``, ``wu [E, H, F]`` (``w1`` again when fused or
+    plain), ``wd [E, F, H]``: float arrays, ``uint16`` bits (bfloat16 or
+    float16) or int8 values; ``k1``/``ku``/``kd`` their storage kinds
+    (:mod:`numoe._cpu._narrow`); ``s1``/``su``/``sd`` the int8 per-column
+    scales ``[E, columns]`` float32 (``[E, 0]`` otherwise); biases ``[E, F]``
+    / ``[E, H]`` in the compute dtype, or ``[E, 0]`` for none.
+    """
+
+    w1: np.ndarray
+    k1: int
+    s1: np.ndarray
+    wu: np.ndarray
+    ku: int
+    su: np.ndarray
+    wd: np.ndarray
+    kd: int
+    sd: np.ndarray
+    bg: np.ndarray
+    bu: np.ndarray
+    bd: np.ndarray
+
+
+class TaskTable(NamedTuple):
+    """Columns of :func:`plan_tasks` as int64 arrays (one argument of the kernels)."""
+
+    kind: np.ndarray
+    te: np.ndarray
+    ta: np.ndarray
+    tb: np.ndarray
+    tc0: np.ndarray
+    tc1: np.ndarray
+    tr0: np.ndarray
+
+
 @kernel
-def _task(t, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit, alpha,
-          out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+def _task(t, src, order, k, gather, ew, fused, glu, code, limit, alpha, out, hsplit, tt):
     """Streaming task ``t`` of :func:`plan_tasks`: a whole expert (kind 1), or a
     gate/up (kind 2) then down (kind 3) column chunk of a split expert, the
     two stages passing through ``hsplit``."""
-    kd = kind[t]
-    e = te[t]
-    a = ta[t]
-    b = tb[t]
-    F = wd.shape[1]
-    d0, d1 = tc0[t], tc1[t]
+    kd = tt.kind[t]
+    e = tt.te[t]
+    a = tt.ta[t]
+    b = tt.tb[t]
+    F = ew.wd.shape[1]
+    d0, d1 = tt.tc0[t], tt.tc1[t]
     if kd == 1:
         hv = np.empty((b - a, F), dtype=out.dtype)
     else:
-        hv = hsplit[tr0[t]:tr0[t] + b - a]
+        hv = hsplit[tt.tr0[t]:tt.tr0[t] + b - a]
     if kd != 3:
         xe = _rows(src, order, k, gather, a, b, out)
         g0, g1 = (0, F) if kd == 1 else (d0, d1)
-        stream_glu(xe, w1[e], wu[e], fused, glu, F, g0, g1, bg[e], bu[e], code, limit, alpha,
-                   hv)
+        stream_glu(xe, ew, e, fused, glu, F, g0, g1, code, limit, alpha, hv)
         if kd == 2:
             return
-        d0, d1 = 0, wd.shape[2]
-    stream_down(hv, wd[e], d0, d1, bd[e], out[a:b])
+        d0, d1 = 0, ew.wd.shape[2]
+    stream_down(hv, ew, e, d0, d1, out[a:b])
 
 
 @kernel
-def _run_queue(queue, counter, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code,
-               limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0):
+def _run_queue(queue, counter, src, order, k, gather, ew, fused, glu, code, limit, alpha, out,
+               hsplit, tt):
     """Take tasks ``queue[i]`` off the shared counter until none are left."""
     n = queue.shape[0]
     while True:
         i = _next_task(counter)
         if i >= n:
             return
-        _task(queue[i], src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd, code, limit,
-              alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+        _task(queue[i], src, order, k, gather, ew, fused, glu, code, limit, alpha, out, hsplit,
+              tt)
 
 
 @driver
-def _experts_driver(nthreads, queue, counter, src, order, k, gather, w1, wu, fused, glu, wd,
-                    bg, bu, bd, code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1,
-                    tr0):
+def _experts_driver(nthreads, queue, counter, src, order, k, gather, ew, fused, glu, code,
+                    limit, alpha, out, hsplit, tt):
     """Run one stage of a streaming job on ``nthreads`` threads sharing one queue
     (tasks largest first; stage 1: whole experts and gate/up column chunks;
     stage 2: down column chunks). Every task writes only its own output
-    rows/columns (``out``, or ``hsplit`` rows ``tr0`` for gate/up chunks).
-    Biases are ``[E, F]`` / ``[E, H]``, or ``[E, 0]`` for none."""
+    rows/columns (``out``, or ``hsplit`` rows ``tr0`` for gate/up chunks)."""
     for _ in prange(nthreads):
-        _run_queue(queue, counter, src, order, k, gather, w1, wu, fused, glu, wd, bg, bu, bd,
-                   code, limit, alpha, out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+        _run_queue(queue, counter, src, order, k, gather, ew, fused, glu, code, limit, alpha,
+                   out, hsplit, tt)
+
+
+@kernel
+def _stream_rows(x, w, wkind, scale, rows, out):
+    """``out = x @ w`` in row blocks of ``rows`` with :func:`stream_matmul`
+    (each row's result independent of the others)."""
+    T = x.shape[0]
+    for lo in range(0, T, rows):
+        hi = min(T, lo + rows)
+        stream_matmul(x[lo:hi], w, wkind, scale, 0, w.shape[1], out[lo:hi], 0)
+
+
+@driver
+def _stream_rows_driver(x, w, wkind, scale, rows, out):
+    """:func:`_stream_rows` with the row blocks spread over the threads."""
+    T = x.shape[0]
+    nb = (T + rows - 1) // rows
+    for i in prange(nb):
+        lo = i * rows
+        hi = min(T, lo + rows)
+        stream_matmul(x[lo:hi], w, wkind, scale, 0, w.shape[1], out[lo:hi], 0)
 
 
 @kernel
@@ -395,7 +472,13 @@ class Job(NamedTuple):
     ``offsets[e]:offsets[e+1]`` of ``src``) or gathered (``src[order[i] //
     k]``). ``w1`` is ``[E, H, 2F]`` (fused gate|up, ``fused=True``), or
     ``w_gate [E, H, F]`` with ``w_up`` separate or ``None`` (plain FFN).
-    Biases are ``[E, F]`` / ``[E, H]`` or ``None``. ``out`` is ``[N, H]``.
+    Weights are float arrays of ``src``'s dtype or narrower (bfloat16,
+    float16, float32 under float64) or :class:`numoe.QuantizedArray` (int8,
+    scales along the input axis). ``src``/``out`` (``[N, H]``) are float32
+    or float64; biases are ``[E, F]`` / ``[E, H]`` or ``None`` (any float
+    dtype, converted to the compute dtype here: they are small).
+    ``stream_all``: every block runs through the row-independent streaming
+    kernel (batch-invariant mode), none through BLAS.
     """
 
     src: np.ndarray
@@ -413,6 +496,7 @@ class Job(NamedTuple):
     limit: float
     alpha: float
     out: np.ndarray
+    stream_all: bool = False
 
 
 def _rows_per_task(H, F, glu):
@@ -435,12 +519,14 @@ def _chunks(n, parts):
     return [(c, min(n, c + width)) for c in range(0, n, width)]
 
 
-def plan_tasks(offsets, H, F, Hout, glu):
+def plan_tasks(offsets, H, F, Hout, glu, stream_all=False):
     """Tasks of a job: a list of ``(kind, e, a, b, c0, c1, r0, cost)``.
 
     Depends on the sizes only. ``r0`` is the task's first row in the split
     buffer (gate/up and down chunks of split experts); ``cost`` a rough
-    estimate used to run the largest tasks first.
+    estimate used to run the largest tasks first. ``stream_all``: blocks of
+    ``SMALL_ROWS`` rows or more become streaming tasks of at most
+    ``STREAM_ROWS`` rows instead of BLAS tasks.
     """
     E = len(offsets) - 1
     step = _rows_per_task(H, F, glu)
@@ -448,7 +534,9 @@ def plan_tasks(offsets, H, F, Hout, glu):
     tasks, small = [], []
     for e in range(E):
         lo, hi = int(offsets[e]), int(offsets[e + 1])
-        if hi - lo >= SMALL_ROWS:
+        if hi - lo >= SMALL_ROWS and stream_all:
+            small.extend((e, a, b) for a, b in _blocks(lo, hi, STREAM_ROWS))
+        elif hi - lo >= SMALL_ROWS:
             for a, b in _blocks(lo, hi, step):
                 tasks.append((BLAS, e, a, b, 0, 0, 0, _cost(b - a, w_elems, True)))
         elif hi > lo:
@@ -481,9 +569,41 @@ def _cost(m, w_elems, blas):
     return max(flops / 25e9, 4.0 * w_elems / 12e9)
 
 
-def _blas_task(job, e, a, b, glu, none):
+def storage(w, E):
+    """``(array, kind, scales)`` of an expert weight for the kernels: a float
+    array as is (16-bit ones as ``uint16`` bits), a QuantizedArray as its int8
+    values and ``[E, columns]`` float32 scales (``[E, 0]`` otherwise)."""
+    from ..quant import QuantizedArray
+
+    if isinstance(w, QuantizedArray):
+        return (np.ascontiguousarray(w.values), INT8,
+                np.ascontiguousarray(w.scales, dtype=np.float32).reshape(E, -1))
+    return D.bits(w), kind_of(w.dtype), np.zeros((E, 0), np.float32)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name, shape, dt):
+    """A per-thread reusable buffer (weight tiles of the BLAS tasks)."""
+    buf = getattr(_SCRATCH, name, None)
+    size = int(np.prod(shape))
+    if buf is None or buf.dtype != dt or buf.size < size:
+        buf = np.empty(size, dtype=dt)
+        setattr(_SCRATCH, name, buf)
+    return buf[:size].reshape(shape)
+
+
+def _blas_task(job, e, a, b, glu, none, ew):
     """Rows ``a:b`` through expert ``e`` with NumPy's BLAS: gate and up (one
-    product when fused), the activation, down, the down bias."""
+    product when fused), the activation, down, the down bias.
+
+    Float weights of the job's dtype go to BLAS as they are. Narrow or int8
+    weights (``ew``, :class:`ExpertWeights`) are widened one column tile of
+    at most ``BLAS_TILE`` columns at a time into a per-thread float scratch
+    (bounded, never a whole expert) and multiplied with BLAS; the tiles are
+    fixed by the sizes, so results do not depend on the threads.
+    """
     F = job.w_down.shape[1]
     dt = job.out.dtype
     if job.order is None:
@@ -491,17 +611,45 @@ def _blas_task(job, e, a, b, glu, none):
     else:
         xe = np.empty((b - a, job.src.shape[1]), dtype=dt)
         gather_rows(job.src, job.order, job.k, a, b, xe)
-    gu = np.matmul(xe, job.w1[e])
-    u, uoff = gu, (F if job.fused else 0)
-    if glu and not job.fused:
-        u = np.matmul(xe, job.w_up[e])
-    h = np.empty((b - a, F), dtype=dt)
-    glu_rows(gu, 0, u, uoff, glu, none if job.b_gate is None else job.b_gate[e],
-             none if job.b_up is None else job.b_up[e], job.code, job.limit, job.alpha, h, 0, F)
+    bg = none if job.b_gate is None else ew.bg[e]
+    bu = none if job.b_up is None else ew.bu[e]
     out = job.out[a:b]
-    np.matmul(h, job.w_down[e], out=out)
+    if ew.k1 == FLOAT and ew.kd == FLOAT and ew.w1.dtype == dt and ew.wd.dtype == dt \
+            and (job.fused or job.w_up is None or (ew.ku == FLOAT and ew.wu.dtype == dt)):
+        gu = np.matmul(xe, ew.w1[e])
+        u, uoff = gu, (F if job.fused else 0)
+        if glu and not job.fused:
+            u = np.matmul(xe, ew.wu[e])
+        h = np.empty((b - a, F), dtype=dt)
+        glu_rows(gu, 0, u, uoff, glu, bg, bu, job.code, job.limit, job.alpha, h, 0, F)
+        np.matmul(h, ew.wd[e], out=out)
+    else:
+        H, Hout = xe.shape[1], out.shape[1]
+        h = np.empty((b - a, F), dtype=dt)
+        for c0 in range(0, F, BLAS_TILE):
+            c1 = min(F, c0 + BLAS_TILE)
+            n = c1 - c0
+            tile = _scratch("w1", (H, 2 * n if glu else n), dt)
+            widen_cols(ew.w1[e], ew.k1, ew.s1[e], c0, c1, tile, 0)
+            if glu and job.fused:
+                widen_cols(ew.w1[e], ew.k1, ew.s1[e], F + c0, F + c1, tile, n)
+            elif glu:
+                widen_cols(ew.wu[e], ew.ku, ew.su[e], c0, c1, tile, n)
+            gu = np.matmul(xe, tile)
+            glu_rows(gu, 0, gu, n, glu, bg[c0:c1] if bg.shape[0] else bg,
+                     bu[c0:c1] if bu.shape[0] else bu, job.code, job.limit, job.alpha, h, c0, n)
+        for c0 in range(0, Hout, BLAS_TILE):
+            c1 = min(Hout, c0 + BLAS_TILE)
+            tile = _scratch("wd", (F, c1 - c0), dt)
+            widen_cols(ew.wd[e], ew.kd, ew.sd[e], c0, c1, tile, 0)
+            out[:, c0:c1] = np.matmul(h, tile)
     if job.b_down is not None:
-        add_row_bias(out, job.b_down[e])
+        add_row_bias(out, ew.bd[e])
+
+
+def _bias(b, E, dt):
+    """A bias as a C-contiguous compute-dtype array, ``[E, 0]`` for None."""
+    return np.zeros((E, 0), dtype=dt) if b is None else np.ascontiguousarray(b, dtype=dt)
 
 
 def _job_stages(job, nthreads):
@@ -515,26 +663,25 @@ def _job_stages(job, nthreads):
     E, H = job.w1.shape[0], job.w1.shape[1]
     F, Hout = job.w_down.shape[1], job.w_down.shape[2]
     glu = job.fused or job.w_up is not None
-    tasks = plan_tasks(job.offsets, H, F, Hout, glu)
+    tasks = plan_tasks(job.offsets, H, F, Hout, glu, job.stream_all)
     if not tasks:
         return None
     cols = list(zip(*tasks))
-    kind = np.array(cols[0], dtype=np.int64)
-    te, ta, tb, tc0, tc1, tr0 = (np.array(c, dtype=np.int64) for c in cols[1:7])
+    tt = TaskTable(np.array(cols[0], dtype=np.int64),
+                   *(np.array(c, dtype=np.int64) for c in cols[1:7]))
     costs = cols[7]
     order = sorted(range(len(tasks)), key=lambda t: (-costs[t], t))     # largest first
     stage1 = [t for t in order if cols[0][t] != SPLIT_DOWN]
     stage2 = [t for t in order if cols[0][t] == SPLIT_DOWN]
-    split_rows = int(max((tr0[t] + tb[t] - ta[t] for t in stage2), default=0))
+    split_rows = int(max((tt.tr0[t] + tt.tb[t] - tt.ta[t] for t in stage2), default=0))
     hsplit = np.empty((split_rows, F), dtype=dt)
-    none2 = np.zeros((E, 0), dtype=dt)
+    w1 = storage(job.w1, E)
+    wu = w1 if job.w_up is None else storage(job.w_up, E)
+    ew = ExpertWeights(*w1, *wu, *storage(job.w_down, E), _bias(job.b_gate, E, dt),
+                       _bias(job.b_up, E, dt), _bias(job.b_down, E, dt))
     gather = job.order is not None
-    args = (job.src, job.order if gather else np.empty(0, np.int32), job.k, gather, job.w1,
-            job.w1 if job.w_up is None else job.w_up, job.fused, glu, job.w_down,
-            none2 if job.b_gate is None else job.b_gate,
-            none2 if job.b_up is None else job.b_up,
-            none2 if job.b_down is None else job.b_down, job.code, job.limit, job.alpha,
-            job.out, hsplit, kind, te, ta, tb, tc0, tc1, tr0)
+    args = (job.src, job.order if gather else np.empty(0, np.int32), job.k, gather, ew,
+            job.fused, glu, job.code, job.limit, job.alpha, job.out, hsplit, tt)
     serial = sum(costs) < SERIAL_COST or nthreads == 1
     if BLAS not in cols[0]:
         return [np.array(stage1, np.int64), np.array(stage2, np.int64)], args, serial
@@ -542,7 +689,7 @@ def _job_stages(job, nthreads):
 
     def call(t):
         if cols[0][t] == BLAS:
-            return lambda: _blas_task(job, cols[1][t], cols[2][t], cols[3][t], glu, none)
+            return lambda: _blas_task(job, cols[1][t], cols[2][t], cols[3][t], glu, none, ew)
         return lambda: _task(t, *args)
     return [[call(t) for t in stage1], [call(t) for t in stage2]], None, serial
 
@@ -588,9 +735,316 @@ def matmul(a, b, out=None):
     return out
 
 
+def linear(a, w, rowwise=False):
+    """``a @ w`` for ``a [T, K]`` float32/float64 and a float weight ``w [K, N]``
+    of that dtype or narrower (bfloat16, float16; float32 under float64).
+
+    ``rowwise`` (batch-invariant mode), or narrow weights and fewer than
+    ``SMALL_ROWS`` rows: the streaming kernel, which reads the weight once in
+    its storage and gives every row a result independent of the other rows.
+    Otherwise :func:`matmul` (narrow weights widened once per call: router
+    sized, ``K * N`` elements).
+    """
+    T = a.shape[0]
+    out = np.empty((T, w.shape[1]), dtype=a.dtype)
+    if rowwise or (w.dtype != a.dtype and T < SMALL_ROWS):
+        wb = D.bits(np.ascontiguousarray(w))
+        none = np.zeros(0, np.float32)
+        if T * w.shape[0] * w.shape[1] < 1 << 20 or numba.get_num_threads() == 1:
+            _stream_rows(a, wb, kind_of(w.dtype), none, STREAM_ROWS, out)
+        else:
+            _stream_rows_driver(a, wb, kind_of(w.dtype), none, STREAM_ROWS, out)
+        return out
+    if w.dtype != a.dtype:
+        w = widen_weight(w, a.dtype)
+    return matmul(a, w, out)
+
+
+def widen_weight(w, dt):
+    """A (small) float weight as a new C-contiguous ``dt`` array."""
+    if w.dtype in D.NARROW:
+        from ._narrow import to_float32
+        return to_float32(w).astype(dt, copy=False)
+    return np.ascontiguousarray(w, dtype=dt)
+
+
 def add_shared(y, sh, gate):
     """Add the shared experts' output ``sh`` to ``y`` (gated by ``sigmoid(gate)``)."""
     if gate is None:
         y += sh
     else:
         _add_gated(y, sh, gate)
+
+
+# ------------------------------------------------------------------ backward
+# Gradients of a grouped FFN in two stages of single-threaded BLAS tasks
+# (fixed shapes, set by the sizes only) on the threads of :func:`_run_tasks`:
+#   1. per expert row block: recompute gate/up from the rows (cheaper in
+#      memory than saving them), ``q = d_ys @ w_down^T``, the activation's
+#      backward (:func:`glu_backward_rows`), ``d_xs = [dG | dU] @ w1^T``;
+#   2. per expert and column chunk: ``d_w1 = xs^T [dG | dU]``,
+#      ``d_w_down = h^T d_ys`` over all the expert's rows in one product,
+#      and the bias sums in a fixed row order.
+# No partial sums are merged across tasks: each gradient element is made
+# by one call of a fixed shape, so the bits do not depend on the threads.
+@kernel
+def act_grad(v, code, one, half, rs2, k1, k3, rs2pi):
+    """``(act(v), act'(v))`` in the dtype of ``v`` (codes as :func:`_act`; relu'(0) = 0)."""
+    if code == 0:                                   # silu
+        s = one / (one + math.exp(-v))
+        return v * s, s * (one + v * (one - s))
+    if code == 1:                                   # gelu (erf)
+        c = half * (one + math.erf(v * rs2))
+        return v * c, c + v * math.exp(-half * v * v) * rs2pi
+    if code == 2:                                   # gelu, tanh approximation
+        t = math.tanh(k1 * (v + k3 * v * v * v))
+        return (half * v * (one + t),
+                half * (one + t) + half * v * (one - t * t) * k1 * (one + 3 * k3 * v * v))
+    if v > 0:                                       # relu
+        return v, one
+    return one - one, one - one
+
+
+@kernel
+def glu_backward_rows(a, ua, uoff, glu, bg, bu, code, limit, alpha, q, rs, h, dgu, dsc):
+    """Backward of :func:`glu_rows` for a row block.
+
+    ``a[:, :F]`` holds the gate pre-activations (``ua[:, uoff:uoff+F]`` the
+    up ones) without bias; ``q = d_ys @ w_down^T``; ``rs`` optional row
+    scales (empty: 1) that multiply each row's output. Writes ``h = rs *
+    hidden`` (for ``d_w_down``), ``dgu[:, :F]`` / ``dgu[:, F:]`` the
+    gradients of the gate / up pre-activations, and (when ``dsc`` is not
+    empty) ``dsc[m] = q[m] . hidden[m]`` (float64), the gradient of the row
+    scale short of the down bias. swiglu_oai's clamps pass the gradient
+    where ``-limit <= v <= limit`` (as ``torch.clamp``), 0 beyond.
+    """
+    M, F = q.shape
+    T = h.dtype.type
+    one, half = T(1.0), T(0.5)
+    rs2, k1, k3 = T(0.7071067811865476), T(0.7978845608028654), T(0.044715)
+    rs2pi = T(0.3989422804014327)
+    lim, alp = T(limit), T(alpha)
+    hasg = bg.shape[0] > 0
+    hasu = bu.shape[0] > 0
+    hasr = rs.shape[0] > 0
+    hasd = dsc.shape[0] > 0
+    for m in range(M):
+        r = T(rs[m]) if hasr else one
+        acc = 0.0
+        for j in range(F):
+            g = T(a[m, j])
+            if hasg:
+                g += bg[j]
+            qj = T(q[m, j])
+            if not glu:
+                av, dav = act_grad(g, code, one, half, rs2, k1, k3, rs2pi)
+                h[m, j] = r * av
+                dgu[m, j] = r * qj * dav
+                acc += np.float64(qj) * np.float64(av)
+                continue
+            u = T(ua[m, uoff + j])
+            if hasu:
+                u += bu[j]
+            if code == 4:
+                gc = g if g <= lim else lim
+                uc = u if u <= lim else lim
+                uc = uc if uc >= -lim else -lim
+                sg = one / (one + math.exp(-alp * gc))
+                hv = (uc + one) * gc * sg
+                dg = (uc + one) * (sg + alp * gc * sg * (one - sg)) if g <= lim else one - one
+                du = gc * sg if (u <= lim and u >= -lim) else one - one
+            else:
+                av, dav = act_grad(g, code, one, half, rs2, k1, k3, rs2pi)
+                hv = av * u
+                dg = dav * u
+                du = av
+            dh = r * qj
+            h[m, j] = r * hv
+            dgu[m, j] = dh * dg
+            dgu[m, F + j] = dh * du
+            acc += np.float64(qj) * np.float64(hv)
+        if hasd:
+            dsc[m] = acc
+
+
+@kernel
+def add_row_dots(dsc, dy, b):
+    """``dsc[m] += dy[m] . b`` (float64, fixed order)."""
+    for m in range(dy.shape[0]):
+        acc = 0.0
+        for j in range(dy.shape[1]):
+            acc += np.float64(dy[m, j]) * np.float64(b[j])
+        dsc[m] += acc
+
+
+@kernel
+def column_sums(a, rs, out):
+    """``out[j] = sum_m rs[m] * a[m, j]`` (``rs`` empty: 1), rows in order, float64."""
+    M, n = a.shape
+    acc = np.zeros(n)
+    hasr = rs.shape[0] > 0
+    for m in range(M):
+        r = np.float64(rs[m]) if hasr else 1.0
+        for j in range(n):
+            acc[j] += r * np.float64(a[m, j])
+    for j in range(n):
+        out[j] = acc[j]
+
+
+class BackwardJob(NamedTuple):
+    """The gradients of one grouped FFN (see the section comment above).
+
+    Inputs: ``xs [N, H]`` grouped by ``offsets``; ``w1`` fused ``[E, H, 2F]``
+    (``fused``) or the gate ``[E, H, F]`` with ``w_up`` separate (None:
+    plain FFN); ``d_ys [N, H]``; ``row_scale [N]`` or None (the rows'
+    outputs were multiplied by it: the routing weights of a combine, or a
+    shared expert's gate). Outputs, all written: ``d_xs [N, H]``, ``d_w1``
+    (shape of ``w1``), ``d_w_up``, ``d_w_down``, bias gradients (None where
+    no bias) and ``d_scale [N]`` float64 (``d_ys . ys_unscaled``; None:
+    not wanted).
+    """
+
+    xs: np.ndarray
+    offsets: np.ndarray
+    w1: np.ndarray
+    w_up: Optional[np.ndarray]
+    fused: bool
+    w_down: np.ndarray
+    b_gate: Optional[np.ndarray]
+    b_up: Optional[np.ndarray]
+    b_down: Optional[np.ndarray]
+    code: int
+    limit: float
+    alpha: float
+    d_ys: np.ndarray
+    row_scale: Optional[np.ndarray]
+    d_xs: np.ndarray
+    d_w1: np.ndarray
+    d_w_up: Optional[np.ndarray]
+    d_w_down: np.ndarray
+    d_b_gate: Optional[np.ndarray]
+    d_b_up: Optional[np.ndarray]
+    d_b_down: Optional[np.ndarray]
+    d_scale: Optional[np.ndarray]
+
+
+def _col_chunks(m, K, n):
+    """Column chunks of an ``[K, m] @ [m, n]`` weight-gradient product: about
+    ``TASK_FLOPS`` each, multiples of SPLIT_COLS (sizes only, never threads)."""
+    parts = max(1, min(-(-n // SPLIT_COLS), int(2.0 * m * K * n // TASK_FLOPS)))
+    return _chunks(n, parts) if n else []
+
+
+def _backward_rows_task(job, h, dgu, e, a, b, glu, F, none, empty64):
+    """Stage 1 for rows ``a:b`` of expert ``e``: recompute, activation backward, ``d_xs``."""
+    xe = job.xs[a:b]
+    dye = job.d_ys[a:b]
+    gu = np.matmul(xe, job.w1[e])
+    u, uoff = gu, (F if job.fused else 0)
+    if glu and not job.fused:
+        u = np.matmul(xe, job.w_up[e])
+    q = np.matmul(dye, job.w_down[e].T)
+    dg = dgu[a:b]
+    dsc = empty64 if job.d_scale is None else job.d_scale[a:b]
+    glu_backward_rows(gu, u, uoff, glu, none if job.b_gate is None else job.b_gate[e],
+                      none if job.b_up is None else job.b_up[e], job.code, job.limit,
+                      job.alpha, q, none if job.row_scale is None else job.row_scale[a:b],
+                      h[a:b], dg, dsc)
+    if job.d_scale is not None and job.b_down is not None:
+        add_row_dots(dsc, dye, job.b_down[e])
+    out = job.d_xs[a:b]
+    if not glu or job.fused:
+        np.matmul(dg, job.w1[e].T, out=out)
+    else:
+        np.matmul(dg[:, :F], job.w1[e].T, out=out)
+        out += np.matmul(dg[:, F:], job.w_up[e].T)
+
+
+def _matmul_tn(a, b, out):
+    """``out = a^T @ b`` (one single-threaded BLAS call; ``out`` may be a strided view)."""
+    if out.flags.c_contiguous:
+        np.matmul(a.T, b, out=out)
+    else:
+        out[...] = np.matmul(a.T, b)
+
+
+def _weight_tasks(job, h, dgu, e, lo, hi, glu, F):
+    """Stage 2 tasks of expert ``e`` (rows ``lo:hi``): weight gradients by column
+    chunk, bias sums; zeros for an expert without rows."""
+    none = np.zeros(0, dtype=job.d_xs.dtype)
+    # (gradient [K, n], left operand rows [m, K], right operand [m, n])
+    mats = []
+    xe, he, dge, dye = job.xs[lo:hi], h[lo:hi], dgu[lo:hi], job.d_ys[lo:hi]
+    if not glu or job.fused:
+        mats.append((job.d_w1[e], xe, dge))
+    else:
+        mats.append((job.d_w1[e], xe, dge[:, :F]))
+        mats.append((job.d_w_up[e], xe, dge[:, F:]))
+    mats.append((job.d_w_down[e], he, dye))
+    if hi == lo:
+        def zero():
+            for g, _, _ in mats:
+                g[...] = 0
+            for g in (job.d_b_gate, job.d_b_up, job.d_b_down):
+                if g is not None:
+                    g[e] = 0
+        return [zero]
+    tasks = []
+    for g, left, right in mats:
+        for c0, c1 in _col_chunks(hi - lo, left.shape[1], right.shape[1]):
+            tasks.append(lambda g=g, left=left, right=right, c0=c0, c1=c1:
+                         _matmul_tn(left, right[:, c0:c1], g[:, c0:c1]))
+
+    def biases():
+        if job.d_b_gate is not None:
+            column_sums(dge[:, :F], none, job.d_b_gate[e])
+        if job.d_b_up is not None:
+            column_sums(dge[:, F:], none, job.d_b_up[e])
+        if job.d_b_down is not None:
+            column_sums(dye, none if job.row_scale is None else job.row_scale[lo:hi],
+                        job.d_b_down[e])
+    tasks.append(biases)
+    return tasks
+
+
+def run_backward(job):
+    """Fill every output of ``job`` (:class:`BackwardJob`) on
+    ``numba.get_num_threads()`` threads; bit-identical for any thread count."""
+    E, H = job.w1.shape[0], job.w1.shape[1]
+    F = job.w_down.shape[1]
+    glu = job.fused or job.w_up is not None
+    dt = job.d_xs.dtype
+    N = job.xs.shape[0]
+    h = np.empty((N, F), dtype=dt)                    # row-scaled hidden activations
+    dgu = np.empty((N, 2 * F if glu else F), dtype=dt)  # d gate | d up pre-activations
+    none = np.zeros(0, dtype=dt)
+    empty64 = np.zeros(0)
+    off = job.offsets
+    step = _rows_per_task(H, F, glu)
+    stage1, stage2 = [], []
+    for e in range(E):
+        lo, hi = int(off[e]), int(off[e + 1])
+        for a, b in (_blocks(lo, hi, step) if hi > lo else []):
+            stage1.append(lambda e=e, a=a, b=b: _backward_rows_task(
+                job, h, dgu, e, a, b, glu, F, none, empty64))
+        stage2.extend(_weight_tasks(job, h, dgu, e, lo, hi, glu, F))
+    serial = _cost(N, H * F * (3 if glu else 2), True) < SERIAL_COST
+    nthreads = 1 if serial else max(1, numba.get_num_threads())
+    with _LOCK, _single_threaded_blas():
+        _run_tasks(stage1, nthreads)
+        _run_tasks(stage2, nthreads)
+
+
+def matmul_tn(a, b):
+    """``a^T @ b`` (``[T, K]^T @ [T, N]``) as float arrays, bit-identical for any
+    thread count: one single-threaded BLAS call per fixed column chunk."""
+    out = np.empty((a.shape[1], b.shape[1]), dtype=np.result_type(a, b))
+    tasks = [lambda c0=c0, c1=c1: _matmul_tn(a, b[:, c0:c1], out[:, c0:c1])
+             for c0, c1 in _col_chunks(a.shape[0], a.shape[1], b.shape[1])]
+    if not tasks:
+        out[...] = 0
+        return out
+    serial = _cost(a.shape[0], a.shape[1] * b.shape[1], True) < SERIAL_COST
+    with _LOCK, _single_threaded_blas():
+        _run_tasks(tasks, 1 if serial else max(1, numba.get_num_threads()))
+    return out

@@ -130,3 +130,47 @@ def bias_step(bias, counts, mean, rate, out):
         d = mean - counts[e]
         s = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
         out[e] = np.float64(bias[e]) + rate * s
+
+
+# ------------------------------------------------------------------ backward
+@driver
+def fill_rows(mask, row, out):
+    """``out[t] = row`` where ``mask[t]``, else 0 (the load-balancing gradient)."""
+    T, E = out.shape
+    for t in prange(T):
+        o = out[t]
+        if mask[t]:
+            for e in range(E):
+                o[e] = row[e]
+        else:
+            for e in range(E):
+                o[e] = 0.0
+
+
+@driver
+def z_loss_backward(logits, mask, coef, chunk, out, bad):
+    """``out[t] = coef * lse(z_t) * softmax(z_t)`` on counted rows (0 elsewhere),
+    float64 inside; ``bad[c]`` counts chunk ``c``'s counted rows that hold NaN/+inf
+    or are -inf everywhere."""
+    T, E = logits.shape
+    n_chunks = bad.shape[0]
+    for c in prange(n_chunks):
+        s = np.empty(E)
+        nb = 0
+        for t in range(c * chunk, min(T, (c + 1) * chunk)):
+            o = out[t]
+            z = logits[t]
+            if not mask[t] or row_status(z, True) != 0:
+                nb += mask[t]
+                for e in range(E):
+                    o[e] = 0.0
+                continue
+            m = -np.inf
+            for e in range(E):
+                m = max(m, z[e])
+            m = np.float64(m)
+            tot = exp_shifted(z, m, s)
+            f = coef * (m + math.log(tot)) / tot
+            for e in range(E):
+                o[e] = f * s[e]
+        bad[c] = nb

@@ -18,7 +18,7 @@ import os
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, float64
 
 SIM = bool(numba.config.ENABLE_CUDASIM)
 if SIM:  # pragma: no cover - simulator only
@@ -29,7 +29,10 @@ if SIM:  # pragma: no cover - simulator only
     # barrier costs milliseconds. A short interval makes simulated kernels ~5x faster.
     if sys.getswitchinterval() > 1e-4:
         sys.setswitchinterval(1e-5)
-FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+from . import _narrow  # noqa: E402
+from .._dtypes import BFLOAT16, FLOAT32, NARROW  # noqa: E402
+from .._dtypes import FLOATS  # noqa: E402  (float16, bfloat16, float32, float64)
+
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 
@@ -47,14 +50,61 @@ def as_device(name, a):
         raise TypeError(f"{name} must be a device array, got None")
     if is_device_array(a):
         return a
-    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+    if isinstance(a, np.ndarray) or not (hasattr(a, "__cuda_array_interface__")
+                                         or _narrow_dtype(a) is not None):
         raise TypeError(
             f"{name} must be a device array (numba, CuPy or PyTorch CUDA) like the other "
             f"arguments, got {type(a).__name__}: cannot mix host and device arrays")
+    narrow = _narrow_dtype(a)
     try:
-        return cuda.as_cuda_array(a)
+        if narrow is None:
+            return cuda.as_cuda_array(a)
+        # 16-bit floats: PyTorch refuses the interface for bfloat16 and other
+        # libraries describe it as raw 2-byte items; view the bits as 16-bit
+        # integers there and give the numba view back its float dtype.
+        return cuda.as_cuda_array(_int16_view(a)).view(narrow)
     except Exception as exc:  # noqa: BLE001 - e.g. a tensor that requires grad
         raise TypeError(f"{name} could not be viewed as a CUDA array ({exc})") from exc
+
+
+def _narrow_dtype(a):
+    """``BFLOAT16``/``FLOAT16`` when ``a`` (CuPy, PyTorch, ...) holds 16-bit floats, else None."""
+    dt = getattr(a, "dtype", None)
+    if dt is None:
+        return None
+    if type(a).__module__.split(".")[0] == "torch":
+        name = str(dt)
+        return {"torch.bfloat16": BFLOAT16, "torch.float16": NARROW[0]}.get(name)
+    try:
+        d = np.dtype(dt)
+    except TypeError:
+        return None
+    return d if d in NARROW else None
+
+
+def _int16_view(a):
+    """The same memory seen as 16-bit integers (PyTorch or NumPy-like ``view``)."""
+    if type(a).__module__.split(".")[0] == "torch":
+        import sys
+
+        return a.view(sys.modules["torch"].int16)
+    return a.view(np.uint16)
+
+
+def bits(a):
+    """A 16-bit float device array as its ``uint16`` view (what kernels take); others as is."""
+    return a.view(np.uint16) if a.dtype in NARROW else a
+
+
+def compute_dtype(dtype):
+    """float32 for 16-bit storage, else ``dtype`` itself."""
+    dtype = np.dtype(dtype)
+    return FLOAT32 if dtype in NARROW else dtype
+
+
+def compute(a):
+    """``a`` in its compute dtype: 16-bit arrays widened to a float32 copy, others as is."""
+    return astype(a, compute_dtype(a.dtype))
 
 
 def device_name() -> str:
@@ -113,6 +163,9 @@ def empty(shape, dtype):
     """An uninitialised C-contiguous device array."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
+    if dtype in NARROW and not SIM:      # numba cannot allocate dtypes it does not know
+        return empty(shape, np.uint16).view(dtype) if shape else \
+            empty((1,), np.uint16).view(dtype).reshape(())
     if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
         return cuda.device_array(shape, dtype=dtype)
     arr = _cupy.empty(shape, dtype=dtype)
@@ -126,7 +179,8 @@ _DUMMIES: dict = {}
 def dummy(dtype, ndim=1):
     """A cached one-element array standing in for an absent optional argument
     (kernels never read it when its flag is off, and never write it)."""
-    key = (np.dtype(dtype), ndim)
+    dtype = np.dtype(dtype)
+    key = (np.uint16 if dtype in NARROW else dtype, ndim)
     if key not in _DUMMIES:
         _DUMMIES[key] = cuda.device_array((1,) * ndim, dtype=key[0])
     return _DUMMIES[key]
@@ -167,7 +221,12 @@ def contiguous(a):
 
 
 def astype(a, dtype):
-    """``a`` converted to ``dtype`` on the device (no copy if already so and contiguous)."""
+    """``a`` converted to ``dtype`` on the device (no copy if already so and contiguous).
+
+    Conversions to and from 16-bit floats go through the widening helper
+    (:mod:`numoe._cuda._narrow`): exact widening, round-to-nearest-even
+    narrowing (from float64 via float32).
+    """
     dtype = np.dtype(dtype)
     if a.dtype == dtype:
         return contiguous(a)
@@ -178,6 +237,49 @@ def _copy_strided(a, dtype):
     out = empty(a.shape, dtype)
     if a.size == 0:
         return out
+    if a.dtype in NARROW or out.dtype in NARROW:
+        if a.dtype == out.dtype:                 # a plain copy of the bits
+            _copy_strided_into(a.view(np.uint16) if a.is_c_contiguous() else _bits_view(a),
+                               out.view(np.uint16))
+            return out
+        from ._narrow import kind_of
+
+        return _convert_narrow(a, out, kind_of(a.dtype), kind_of(out.dtype))
+    return _copy_strided_into(a, out)
+
+
+def _bits_view(a):
+    """A strided 16-bit array as a strided ``uint16`` view (same memory)."""
+    if SIM:
+        return a.view(np.uint16)
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(tuple(a.shape), tuple(a.strides), np.uint16, stream=a.stream,
+                         gpu_data=a.gpu_data)
+
+
+def _convert_narrow(a, out, ks, kd):
+    src = (a.view(np.uint16) if a.is_c_contiguous() else _bits_view(a)) if ks else a
+    dst = out.view(np.uint16) if kd else out
+    nd = max(1, a.ndim)
+    if nd > 4:
+        if not a.is_c_contiguous():
+            raise ValueError(f"strided device arrays with more than 4 dims are not "
+                             f"supported (shape {a.shape}); pass a contiguous array")
+        src = src.reshape(src.size)
+        dst = dst.reshape(dst.size)
+        nd = 1
+    if src.ndim == 0:
+        src = src.reshape(1)
+        dst = dst.reshape(1)
+    shp = (1,) * (4 - nd) + tuple(src.shape)
+    bs = block(256)
+    _launch_kernel(_convert_kinds, grid(a.size, bs), bs, 0, _view4(src, shp),
+                   dst.reshape(*shp), ks, kd)
+    return out
+
+
+def _copy_strided_into(a, out):
     nd = a.ndim
     if nd == 0:
         a = a.reshape(1)
@@ -225,9 +327,11 @@ def _sim_view(a, shp):
 
 # ------------------------------------------------------------------ checks
 def check_float(name, a, *, ndim=None, min_ndim=None):
-    """TypeError unless float32/float64; ValueError on a wrong number of dims."""
+    """TypeError unless a float dtype (float16, bfloat16, float32, float64);
+    ValueError on a wrong number of dims."""
     if a.dtype not in FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, "
+                        f"got dtype {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
     if min_ndim is not None and a.ndim < min_ndim:
@@ -332,6 +436,29 @@ def _convert_1d(src, dst):
     stride = cuda.gridsize(1)
     for i in range(i0, src.shape[0], stride):
         dst[i] = src[i]
+
+
+@cuda.jit
+def _convert_kinds(src, dst, ks, kd):
+    """``dst = src`` converted between kinds (see :mod:`numoe._cuda._narrow`), 4-D strided."""
+    n0, n1, n2, n3 = src.shape
+    total = n0 * n1 * n2 * n3
+    for i in range(cuda.grid(1), total, cuda.gridsize(1)):
+        c3 = i % n3
+        r = i // n3
+        c2 = r % n2
+        r = r // n2
+        c1 = r % n1
+        c0 = r // n1
+        v = src[c0, c1, c2, c3]
+        if ks != 0:
+            f = float64(_narrow.widen(v, ks))
+        else:
+            f = float64(v)
+        if kd != 0:
+            dst[c0, c1, c2, c3] = _narrow.narrow(f, kd)
+        else:
+            dst[c0, c1, c2, c3] = f
 
 
 @cuda.jit

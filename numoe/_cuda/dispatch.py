@@ -24,7 +24,8 @@ compacted with block scans.
 
 ``unpermute`` builds the inverse positions (each slot written once), checks
 them, and sums each token's slots in ascending ``j`` with the accumulator in
-the output dtype: no atomics, bit-reproducible.
+the output's compute dtype (float32 for 16-bit rows, narrowed once at the
+end): no atomics, bit-reproducible. ``permute`` copies 16-bit rows as bits.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from numba import cuda, float32, float64, int32, int64
 from .. import _validate as V
 from .._types import DispatchPlan
 from . import _arrays as A
+from . import _narrow
 from ._launch import launch
 from ._checks import Checks
 
@@ -121,7 +123,7 @@ def dispatch_plan(experts, num_experts, *, capacity=None, weights=None, drop_pol
     checks = Checks().ids("experts", ex, num_experts)
     w = None
     if weights is not None:
-        w = A.float_arg("weights", weights, ndim=2)
+        w = A.compute(A.float_arg("weights", weights, ndim=2))
         A.check_shape("weights", w, (T, k))
         checks.finite("weights", w)
     checks.run()
@@ -224,7 +226,8 @@ def gather_rows(x2, order, k, out):
     n, H = tuple(out.shape)
     if n and H:
         bs = A.block(_row_block(H))
-        launch(_permute_kernel, A.grid(n * bs, bs, 16), bs, 0, x2, order, k, out)
+        launch(_permute_kernel, A.grid(n * bs, bs, 16), bs, 0, A.bits(x2), order, k,
+               A.bits(out))
     return out
 
 
@@ -239,10 +242,10 @@ def unpermute(ys, plan, weights, *, out=None):
     if ys.shape[0] != order.shape[0]:
         raise ValueError(f"ys must have N = {order.shape[0]} rows (len(plan.order)), "
                          f"got shape {tuple(ys.shape)}")
-    w = A.float_arg("weights", weights, ndim=2)
+    w = A.compute(A.float_arg("weights", weights, ndim=2))
     A.check_shape("weights", w, (T, k))
     Checks().finite("weights", w).run()
-    w = A.astype(w, ys.dtype)
+    w = A.astype(w, A.compute_dtype(ys.dtype))
     H = ys.shape[1]
     shape = (T, H)
     out = A.empty(shape, ys.dtype) if out is None else _check_out(out, shape, ys.dtype, "ys")
@@ -276,7 +279,7 @@ def combine(ys, pos, w, k, out, *, weighted=True):
     if T and H:
         bs = A.block(_row_block(H))
         kern = _combine_kernel(str(out.dtype), weighted)
-        launch(kern, A.grid(T * bs, bs, 16), bs, 0, ys, pos, w, k, out)
+        launch(kern, A.grid(T * bs, bs, 16), bs, 0, A.bits(ys), pos, w, k, A.bits(out))
     return out
 
 
@@ -629,11 +632,17 @@ def _inverse_check_kernel(order, pos, dropped, bad):
 
 @functools.lru_cache(maxsize=None)
 def _combine_kernel(dtype, weighted):
-    """``out[t] = sum_j w[t, j] * ys[pos[t*k + j]]``; accumulator in ``dtype``.
+    """``out[t] = sum_j w[t, j] * ys[pos[t*k + j]]``; accumulator in ``dtype``'s
+    compute dtype (float32 for 16-bit ``ys``/``out``, passed as bits; ``w`` is in
+    the compute dtype).
 
     ``weighted=False``: the rows already carry their weights (plain sum).
     """
-    zero = float32(0) if dtype == "float32" else float64(0)
+    ft = float64 if dtype == "float64" else float32
+    zero = ft(0)
+    kind = _narrow.kind_of(np.dtype(dtype))
+    ld = _narrow.loader(kind)
+    st = _narrow.storer(kind, ft)
 
     @cuda.jit
     def kern(ys, pos, w, k, out):
@@ -653,13 +662,13 @@ def _combine_kernel(dtype, weighted):
                         src = ys[p]
                         if weighted:
                             wj = w[t, j]
-                            a0 += wj * src[h]
-                            a1 += wj * src[h + bs]
+                            a0 += wj * ld(src[h])
+                            a1 += wj * ld(src[h + bs])
                         else:
-                            a0 += src[h]
-                            a1 += src[h + bs]
-                dst[h] = a0
-                dst[h + bs] = a1
+                            a0 += ld(src[h])
+                            a1 += ld(src[h + bs])
+                dst[h] = st(a0)
+                dst[h + bs] = st(a1)
                 h += 2 * bs
             while h < H:
                 a0 = zero
@@ -667,10 +676,10 @@ def _combine_kernel(dtype, weighted):
                     p = pos[t * k + j]
                     if p >= 0:
                         if weighted:
-                            a0 += w[t, j] * ys[p, h]
+                            a0 += w[t, j] * ld(ys[p, h])
                         else:
-                            a0 += ys[p, h]
-                dst[h] = a0
+                            a0 += ld(ys[p, h])
+                dst[h] = st(a0)
                 h += bs
 
     return kern

@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from . import _arrays as A
+from . import _narrow
 from ._launch import launch
 
 #: which kernels the last call used, e.g. {"glu": "tiled+skinny", "down": "tiled"}
@@ -205,8 +206,8 @@ def moe_ffn(x, plan_order, k, offsets, w_gate, w_up, w_down, *, activation="silu
     ys = A.empty((N, H), x.dtype)
     if N == 0:
         return ys
-    wflat = None if weights is None else A.reshape(A.astype(weights, x.dtype),
-                                                   (weights.size,))
+    wflat = None if weights is None else A.reshape(
+        A.astype(weights, A.compute_dtype(x.dtype)), (weights.size,))
     run_ffn(x, plan_order, k, off, N, wg, wu, wd, bg, bu, bd, opts.code, opts.limit,
             opts.alpha, ys, plan_order if wflat is not None else None, wflat, gemm=gemm)
     return ys
@@ -224,23 +225,37 @@ def _check_weights(dtype, H, w_gate, w_up, w_down, b_gate, b_up, b_down):
     wg = _weight("w_gate", wg, dtype, (E, H, F))
     wu = None if w_up is None else _weight("w_up", w_up, dtype, (E, H, F))
     wd = _weight("w_down", w_down, dtype, (E, F, H))
+    for name, w in (("w_up", wu), ("w_down", wd)):
+        if w is not None and w.dtype != wg.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but w_gate is {wg.dtype}; all "
+                            "expert weights must share one dtype")
     if w_up is None and b_up is not None:
         raise ValueError("b_up was given but w_up is None (plain FFN experts have no up bias)")
-    bg = None if b_gate is None else _weight("b_gate", b_gate, dtype, (E, F))
-    bu = None if b_up is None else _weight("b_up", b_up, dtype, (E, F))
-    bd = None if b_down is None else _weight("b_down", b_down, dtype, (E, H))
+    ct = A.compute_dtype(dtype)          # biases are small: cast to the compute dtype
+    bg = None if b_gate is None else _bias("b_gate", b_gate, ct, (E, F))
+    bu = None if b_up is None else _bias("b_up", b_up, ct, (E, F))
+    bd = None if b_down is None else _bias("b_down", b_down, ct, (E, H))
     return wg, wu, wd, bg, bu, bd, E, F
 
 
 def _weight(name, a, dtype, shape):
+    """An expert weight: ``xs``'s dtype, or 16-bit storage (bfloat16/float16 weights
+    with wider activations are widened in registers, never copied)."""
     w = A.as_device(name, a)
     A.check_float(name, w)
-    if w.dtype != dtype:
+    if w.dtype != dtype and w.dtype not in A.NARROW:
         raise TypeError(f"{name} has dtype {w.dtype} but xs is {np.dtype(dtype).name}; "
                         f"cast the weights once (e.g. {name}.astype(np.{np.dtype(dtype).name}))"
                         " -- a per-call cast would copy every expert")
     A.check_shape(name, w, shape)
     return A.contiguous(w)
+
+
+def _bias(name, a, ct, shape):
+    b = A.as_device(name, a)
+    A.check_float(name, b)
+    A.check_shape(name, b, shape)
+    return A.astype(b, ct)
 
 
 def _offsets_checked(offsets, E, N):
@@ -287,9 +302,12 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     N = int(N)
     E, H, F = tuple(wg.shape)
     glu = wu is not None
-    dt = a.dtype
+    dt = A.compute_dtype(a.dtype)     # float32 for 16-bit activations
+    narrow = a.dtype in A.NARROW or wg.dtype in A.NARROW or out.dtype in A.NARROW
+    if sval is not None:
+        sval = A.compute(sval)
     hbuf = A.empty((N, F), dt)
-    mode = "numba" if force else _gemm_mode(gemm)     # forcing a kernel family: numba
+    mode = "numba" if (force or narrow) else _gemm_mode(gemm)   # forcing a family: numba
     work = _Work(off, N, force)
     dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
     didx = A.dummy(np.int64)
@@ -327,7 +345,7 @@ def grouped_glu(a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alph
                 only=None):
     """``h[r] = glu(a_r @ wg[e] + bg[e], a_r @ wu[e] + bu[e])`` over the work's tiles."""
     _launch(True, a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha,
-            gidx, A.dummy(a.dtype), False, h, work, only)
+            gidx, A.dummy(A.compute_dtype(a.dtype)), False, h, work, only)
 
 
 def grouped_plain(a, gidx, kdiv, w, b, use_b, code, alpha, sidx, sval, use_scale, out, work,
@@ -345,19 +363,21 @@ def _launch(glu, a, gidx, kdiv, w1, w2, b1, use_b1, b2, use_b2, code, limit, alp
             sidx, sval, use_scale, out, work, only=None):
     K = a.shape[1]
     NO = out.shape[1]
-    dt = str(a.dtype)
-    args = (_flat(a), gidx, kdiv, K, _flat(w1), _flat(w2), NO, _flat(b1), use_b1,
-            _flat(b2), use_b2, code, limit, alpha, sidx, sval, use_scale, _flat(out))
+    dt = str(A.compute_dtype(a.dtype))
+    kinds = (_narrow.kind_of(a.dtype), _narrow.kind_of(w1.dtype), _narrow.kind_of(out.dtype))
+    args = (_flat(A.bits(a)), gidx, kdiv, K, _flat(A.bits(w1)), _flat(A.bits(w2)), NO,
+            _flat(b1), use_b1, _flat(b2), use_b2, code, limit, alpha, sidx, sval, use_scale,
+            _flat(A.bits(out)))
     cfg_t = _tiled_cfg(glu)
     cfg_s = _skinny_cfg()
     ts, tb, cnt, cap_s, cap_b = work.tables(cfg_s[0], cfg_t[0])
     if work.has("tiled") and only in (None, "tiled"):
-        kern, nthreads, smem = _tiled(dt, glu, *cfg_t)
+        kern, nthreads, smem = _tiled(dt, kinds, glu, *cfg_t)
         grid = (min(cap_b, 65535), -(-NO // cfg_t[1]))
         launch(kern, grid, nthreads, smem, *args, tb, cnt, 1)
     if work.has("skinny") and only in (None, "skinny"):
         BMS, NT, KC, UN = cfg_s
-        kern, smem = _skinny(dt, glu, BMS, NT, KC, UN)
+        kern, smem = _skinny(dt, kinds, glu, BMS, NT, KC, UN)
         grid = (min(cap_s, 65535), -(-NO // NT))
         launch(kern, grid, NT, smem, *args, ts, cnt, 0)
 
@@ -403,8 +423,12 @@ _SENT = np.uint64(0xFFFFFFFFFFFFFFFF)     # "no row" marker
 
 
 @functools.lru_cache(maxsize=None)
-def _tiled(dtype, glu, BM, BN, BK, TM, TN):
+def _tiled(dtype, kinds, glu, BM, BN, BK, TM, TN):
     """Tiled grouped GEMM; returns (kernel, threads, dynamic shared bytes).
+
+    ``dtype`` is the compute dtype; ``kinds`` the storage kinds of A, the
+    weights and the output (:mod:`numoe._cuda._narrow`: 16-bit arrays come as
+    bits and are widened on load / narrowed on store).
 
     ``glu``: ``out = glu(A @ W1[e] + b1, A @ W2[e] + b2)``; else
     ``out = act(A @ W1[e] + b1) * scale[row]`` (``code < 0``: no activation).
@@ -427,6 +451,9 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
     uNTX, uNTY, uBK, uBN, uLDA = U(NTX), U(NTY), U(BK), U(BN), U(LDA)
     uASZ, uBSZ, uSTAGE, uSA, uSB = U(ASZ), U(BSZ), U(STAGE), U(NT // BK), U(NT // BN)
     zero = ft(0)
+    lda = _narrow.loader(kinds[0])
+    ldw = _narrow.loader(kinds[1])
+    sto = _narrow.storer(kinds[2], ft)
     smem = 2 * STAGE * np.dtype(dtype).itemsize
 
     @cuda.jit
@@ -477,13 +504,13 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
                     acc1[i, j] = zero
                     acc2[i, j] = zero
             for q in range(LA):       # prologue: k-slice 0 into registers
-                ra[q] = a[arow[q] + akk] if (arow[q] != _SENT and akk < uK) else zero
+                ra[q] = lda(a[arow[q] + akk]) if (arow[q] != _SENT and akk < uK) else zero
             for q in range(LB):
                 kq = bkk + U(q) * uSB
                 ok = col_ok and kq < uK
-                r1b[q] = w1[wbase + kq * uNO] if ok else zero
+                r1b[q] = ldw(w1[wbase + kq * uNO]) if ok else zero
                 if glu:
-                    r2b[q] = w2[wbase + kq * uNO] if ok else zero
+                    r2b[q] = ldw(w2[wbase + kq * uNO]) if ok else zero
             for kt in range(nk):
                 base = (U(kt) % U(2)) * uSTAGE
                 for q in range(LA):
@@ -498,13 +525,14 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
                     k0 = (U(kt) + U(1)) * uBK
                     for q in range(LA):
                         kq = k0 + akk
-                        ra[q] = a[arow[q] + kq] if (arow[q] != _SENT and kq < uK) else zero
+                        ra[q] = lda(a[arow[q] + kq]) if (arow[q] != _SENT and kq < uK) \
+                            else zero
                     for q in range(LB):
                         kq = k0 + bkk + U(q) * uSB
                         ok = col_ok and kq < uK
-                        r1b[q] = w1[wbase + kq * uNO] if ok else zero
+                        r1b[q] = ldw(w1[wbase + kq * uNO]) if ok else zero
                         if glu:
-                            r2b[q] = w2[wbase + kq * uNO] if ok else zero
+                            r2b[q] = ldw(w2[wbase + kq * uNO]) if ok else zero
                 for kk in range(BK):
                     ab = base + U(kk) * uLDA + ty
                     bb = base + uASZ + U(kk) * uBN + tx
@@ -548,7 +576,7 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
                                     v = act_value(v, code)
                                 if use_scale:
                                     v = v * s
-                            out[r * uNO + c] = v
+                            out[r * uNO + c] = sto(v)
             cuda.syncthreads()
 
     return kern, NT, smem
@@ -556,7 +584,7 @@ def _tiled(dtype, glu, BM, BN, BK, TM, TN):
 
 # ---------------------------------------------------------- skinny kernels
 @functools.lru_cache(maxsize=None)
-def _skinny(dtype, glu, BMS, NT, KC, UN):
+def _skinny(dtype, kinds, glu, BMS, NT, KC, UN):
     """Skinny grouped GEMM (few rows per expert): ``BMS`` rows per tile staged in
     shared memory ``KC`` columns at a time, one output column per thread, the
     weights streamed from global memory ``UN`` rows per step. Same arguments and
@@ -565,6 +593,9 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
     U = np.uint64
     uNT, uKC, uUN = U(NT), U(KC), U(UN)
     zero = ft(0)
+    lda = _narrow.loader(kinds[0])
+    ldw = _narrow.loader(kinds[1])
+    sto = _narrow.storer(kinds[2], ft)
     smem = BMS * KC * np.dtype(dtype).itemsize
 
     @cuda.jit
@@ -602,7 +633,7 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
                         src = r
                         if kdiv > 0:
                             src = U(gidx[r]) // U(kdiv)
-                        v = a[src * uK + k0 + kk]
+                        v = lda(a[src * uK + k0 + kk])
                     sm[idx] = v
                 cuda.syncthreads()
                 if c < uNO:
@@ -612,16 +643,16 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
                     # the current ones are multiplied (twice the loads in flight)
                     if uUN <= kc:
                         for u in range(UN):
-                            v1[u] = w1[wp + U(u) * uNO]
+                            v1[u] = ldw(w1[wp + U(u) * uNO])
                             if glu:
-                                v2[u] = w2[wp + U(u) * uNO]
+                                v2[u] = ldw(w2[wp + U(u) * uNO])
                     while kk + uUN <= kc:
                         nk = kk + uUN
                         if nk + uUN <= kc:
                             for u in range(UN):
-                                n1[u] = w1[wp + (nk + U(u)) * uNO]
+                                n1[u] = ldw(w1[wp + (nk + U(u)) * uNO])
                                 if glu:
-                                    n2[u] = w2[wp + (nk + U(u)) * uNO]
+                                    n2[u] = ldw(w2[wp + (nk + U(u)) * uNO])
                         for u in range(UN):
                             for i in range(BMS):
                                 x = sm[U(i) * uKC + kk + U(u)]
@@ -634,10 +665,10 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
                                 v2[u] = n2[u]
                         kk = nk
                     while kk < kc:
-                        g1 = w1[wp + kk * uNO]
+                        g1 = ldw(w1[wp + kk * uNO])
                         g2 = g1
                         if glu:
-                            g2 = w2[wp + kk * uNO]
+                            g2 = ldw(w2[wp + kk * uNO])
                         for i in range(BMS):
                             x = sm[U(i) * uKC + kk]
                             acc1[i] += x * g1
@@ -662,6 +693,6 @@ def _skinny(dtype, glu, BMS, NT, KC, UN):
                                 v = act_value(v, code)
                             if use_scale:
                                 v = v * float64(sval[U(sidx[r])])
-                        out[r * uNO + c] = v
+                        out[r * uNO + c] = sto(v)
 
     return kern, smem

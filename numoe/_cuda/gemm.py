@@ -27,18 +27,22 @@ def _range_offsets(M):
     return _OFFSETS[M]
 
 
-def matmul(a, b, out=None):
-    """``a [..., K] @ b [K, N] -> [..., N]`` on the device (dtype of ``a``).
+def matmul(a, b, out=None, out_dtype=None):
+    """``a [..., K] @ b [K, N] -> [..., N]`` on the device (dtype of ``a``, or
+    ``out_dtype``).
 
-    ``b`` must have ``a``'s float dtype (TypeError otherwise: no silent
-    copies of weights). ``out`` (optional) is a C-contiguous device array
-    of the result's shape and dtype.
+    ``b`` must have ``a``'s float dtype or be 16-bit (bfloat16/float16
+    weights are widened in registers); anything else is a TypeError (no
+    silent copies of weights). 16-bit operands accumulate in float32.
+    ``out`` (optional) is a C-contiguous device array of the result's shape
+    and dtype.
     """
     a2, lead = A.tokens_2d("a", a, min_ndim=1)
     bd = A.as_device("b", b)
     A.check_float("b", bd, ndim=2)
-    if bd.dtype != a2.dtype:
+    if bd.dtype != a2.dtype and bd.dtype not in A.NARROW:
         raise TypeError(f"b has dtype {bd.dtype} but a is {a2.dtype}")
+    odt = a2.dtype if out_dtype is None else np.dtype(out_dtype)
     M, K = tuple(a2.shape)
     if bd.shape[0] != K:
         raise ValueError(f"b must have shape ({K}, N) to match a [..., {K}], "
@@ -47,11 +51,11 @@ def matmul(a, b, out=None):
     bd = A.contiguous(bd)
     shape = (M, N)
     if out is None:
-        res = A.empty(shape, a2.dtype)
+        res = A.empty(shape, odt)
     else:
         res = A.as_device("out", out)
-        if res.dtype != a2.dtype:
-            raise TypeError(f"out must have dtype {a2.dtype}, got {res.dtype}")
+        if res.dtype != odt:
+            raise TypeError(f"out must have dtype {odt}, got {res.dtype}")
         if tuple(res.shape) != lead + (N,) and tuple(res.shape) != shape:
             raise ValueError(f"out must have shape {lead + (N,)}, got {tuple(res.shape)}")
         if not res.is_c_contiguous():
@@ -60,11 +64,11 @@ def matmul(a, b, out=None):
     if M and N:
         if K == 0:
             bs = A.block(256)
-            launch(A._fill, A.grid(M * N, bs), bs, 0, A.reshape(res, (M * N,)), 0)
+            launch(A._fill, A.grid(M * N, bs), bs, 0, A.reshape(A.bits(res), (M * N,)), 0)
         else:
             work = X._Work(_range_offsets(M), M)
             w3 = A.reshape(bd, (1, K, N))
-            dummy = A.dummy(a2.dtype)
+            dummy = A.dummy(A.compute_dtype(a2.dtype))
             didx = A.dummy(np.int64)
             X.grouped_plain(a2, didx, 0, w3, dummy, False, X.ACT_NONE,
                             0.0, didx, dummy, False, res, work)

@@ -4,7 +4,8 @@ Reductions are deterministic: counts are integer atomics (exact in any
 order); float sums are taken over fixed chunks of rows (``_CHUNK`` rows,
 independent of the grid), each chunk's partial written to its own slot,
 and the partials summed in chunk order by one thread per column. All float
-accumulation is in float64. Scalar results come back as Python floats
+accumulation is in float64; 16-bit inputs are widened to float32 on the
+device first (exactly). Scalar results come back as Python floats
 (one synchronising copy per call).
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ def load_balancing_loss(probs, experts, *, mask=None):
     if p.ndim < 2:
         raise ValueError(f"probs must have shape [..., E], got {tuple(p.shape)}")
     p, _ = A.tokens_2d("probs", p)
+    p = A.compute(p)                 # 16-bit probabilities: summed from their float32 values
     T, E = tuple(p.shape)
     ex = A.int_arg("experts", experts)
     shp = tuple(ex.shape)
@@ -122,6 +124,7 @@ def router_z_loss(logits, *, mask=None):
     if z.ndim < 1 or tuple(z.shape)[-1] == 0:
         raise ValueError(f"logits must have shape [..., E] with E >= 1, got {tuple(z.shape)}")
     z, _ = A.tokens_2d("logits", z, min_ndim=1)
+    z = A.compute(z)
     T, E = tuple(z.shape)
     m = _mask_arg(mask, T)
     Checks().finite("logits", z, allow_neg_inf=True).run()
@@ -149,11 +152,11 @@ def update_bias(bias, counts, rate):
     b = A.as_device("bias", bias)
     A.check_float("bias", b, ndim=1)
     c = A.int_arg("counts", counts, ndim=1) if A.as_device("counts", counts).dtype.kind in "iu" \
-        else A.float_arg("counts", counts, ndim=1)
+        else A.compute(A.float_arg("counts", counts, ndim=1))
     E = b.shape[0]
     A.check_shape("counts", c, (E,))
     rate = V.real("rate", rate)
-    b = A.contiguous(b)
+    b = A.compute(b)
     chk = Checks().finite("bias", b)
     if c.dtype.kind == "f":
         chk.finite("counts", c)
@@ -176,7 +179,7 @@ def routing_stats(experts, num_experts, *, weights=None, plan=None):
     checks = Checks().ids("experts", ex, num_experts)
     w = None
     if weights is not None:
-        w = A.float_arg("weights", weights)
+        w = A.compute(A.float_arg("weights", weights))
         A.check_shape("weights", w, tuple(ex.shape))
         checks.finite("weights", w)
     if plan is not None:

@@ -9,7 +9,10 @@ a whole-layer driver may take:
   copy) and the down projection multiplies each row by its routing weight
   in its epilogue, so the combine is a plain fixed-order sum per token;
 * the GEMM work list is built on the device, and the routing status is read
-  back once at the end: one host synchronisation per (dropless) call.
+  back once at the end: one host synchronisation per (dropless) call;
+* 16-bit ``x`` and weights: logits, routing weights, expert outputs and the
+  combine are float32 (weights and ``x`` widened in registers), and ``y`` is
+  narrowed to ``x``'s dtype once at the end.
 
 Used by ``numoe._cuda.bench`` and available to the layer as
 ``numoe._cuda.moe.forward(layer, x)``.
@@ -48,10 +51,11 @@ def forward(layer, x, *, gemm=None, return_parts=False):
     x2, lead = A.tokens_2d("x", x)
     T, H = tuple(x2.shape)
     E, k = cfg.num_experts, cfg.top_k
-    logits = G.matmul(x2, layer.router)
+    ct = A.compute_dtype(x2.dtype)     # 16-bit x: logits, routing, sums in float32
+    logits = G.matmul(x2, layer.router, out_dtype=ct)
     if layer.router_bias is not None and T:
         bs = A.block(256)
-        launch(_add_row, A.grid(T * E, bs), bs, 0, logits, layer.router_bias)
+        launch(_add_row, A.grid(T * E, bs), bs, 0, logits, A.astype(layer.router_bias, ct))
     routing, status = R.route_async(logits, k, score=cfg.score, renormalize=cfg.renormalize,
                                     bias=layer.selection_bias, n_groups=cfg.n_groups,
                                     topk_groups=cfg.topk_groups, group_score=cfg.group_score,
@@ -75,10 +79,10 @@ def forward(layer, x, *, gemm=None, return_parts=False):
                                                        dropped, E)
         pos = D.inverse_positions(order, dropped)
     N = int(order.shape[0])
-    y = A.empty((T, H), x2.dtype)
+    y = A.empty((T, H), ct)
     opts = _layer_code(cfg)
     if N:
-        ys = A.empty((N, H), x2.dtype)
+        ys = A.empty((N, H), ct)
         wflat = A.reshape(routing.weights, (m,))
         X.run_ffn(x2, order, k, offsets, N, layer.w_gate, layer.w_up, layer.w_down,
                   layer.b_gate, layer.b_up, layer.b_down, opts.code, opts.limit, opts.alpha,
@@ -90,17 +94,17 @@ def forward(layer, x, *, gemm=None, return_parts=False):
     shared = layer._dev.get("shared") if hasattr(layer, "_dev") else None
     if shared is not None and T:
         sg, su, sd = shared
-        sh = A.empty((T, H), x2.dtype)
+        sh = A.empty((T, H), ct)
         X.run_ffn(x2, None, 0, G._range_offsets(T), T, sg, su, sd, None, None, None,
                   0, math.inf, 1.702, sh, None, None, gemm=gemm)
         gw = layer.shared_gate_weight
-        gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)))
+        gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)), out_dtype=ct)
         bs = A.block(256)
         launch(_add_shared, A.grid(T * H, bs), bs, 0, y, sh,
                gate if gate is not None else sh, gate is not None)
     if status is not None:
         R.check_status(status)           # the one synchronisation of the dropless forward
-    y = A.reshape(y, lead + (H,))
+    y = A.reshape(A.astype(y, x2.dtype), lead + (H,))
     if return_parts:
         if dropped is None:
             dropped = A.zeros((m,), np.bool_)

@@ -7,7 +7,9 @@ scores, top-k by insertion into a k-long register buffer (only a strictly
 larger value moves ahead, candidates in ascending id: ties to the lower
 id), group limiting, weights. The arithmetic is that of
 :mod:`numoe._cpu.routing` (float64 scores, same formulas), so the experts
-are identical and the weights agree to rounding.
+are identical and the weights agree to rounding. 16-bit logits are widened
+to float32 on the device first (exactly) and the weights/probabilities are
+narrowed back to the logits' dtype at the end (round to nearest even).
 
 Bad rows (NaN/+inf; softmax rows that are all ``-inf``) are recorded in a
 two-word status buffer (first bad row and its kind via an atomic max of
@@ -96,6 +98,8 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
     from ..routing import _check_route_options
 
     z, lead = _check_logits(logits)
+    out_dtype = z.dtype
+    z = A.compute(z)                 # 16-bit logits: routed on their float32 values
     T, E = z.shape
     b = None
     if bias is not None:
@@ -127,6 +131,7 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
         launch(kern, g, bs, shmem, z, bias_arr, b is not None, opt.sigmoid, opt.renormalize,
                opt.n_groups, opt.topk_groups, opt.group_max, opt.grouped, opt.scale, weights,
                experts, res)
+    weights = A.astype(weights, out_dtype)
     return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,))), res
 
 
@@ -136,6 +141,8 @@ def router_probs(logits, score="softmax"):
 
     V.choice("score", score, SCORES)
     z, lead = _check_logits(logits)
+    out_dtype = z.dtype
+    z = A.compute(z)
     T, E = z.shape
     out = A.empty((T, E), z.dtype)
     if z.size:
@@ -143,7 +150,7 @@ def router_probs(logits, score="softmax"):
         bs = A.block(128)
         launch(_probs_kernel, A.grid(T, bs, 8), bs, 0, z, score == "sigmoid", out, res)
         _raise_status("logits", res.copy_to_host())
-    return A.reshape(out, lead + (E,))
+    return A.reshape(A.astype(out, out_dtype), lead + (E,))
 
 
 # ------------------------------------------------------------ device helpers
