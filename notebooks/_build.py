@@ -473,12 +473,15 @@ PERFORMANCE = [
 
 A quick run of `numoe bench` through its Python API (`numoe.bench`), with
 small shapes and short time budgets so the whole notebook runs in about a
-minute on a laptop. The full suites are `numoe bench` (layers),
-`numoe bench --suite routing` and friends on the command line; their
-numbers, with the machine they were measured on, are in
-`docs/performance.md`. Figures below are from whatever machine executed
-this notebook — compare ratios within one run, not absolute times across
-machines."""),
+minute on a laptop. The full suites are on the command line:
+`numoe bench` (layers; `numoe bench --full` adds the larger model-shaped
+rows), `numoe bench routing`, `numoe bench --latency` and
+`numoe bench --startup`; their numbers, with the machine they were
+measured on, are in `docs/performance.md`. Figures below are from whatever
+machine executed this notebook — compare ratios within one run, not
+absolute times across machines. Every table prints each time as
+`median [min-max]` over its samples, a legend, and a warning when the
+spread says the machine was busy."""),
     ("code", SETUP + """
 import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm, via transformers
@@ -494,34 +497,43 @@ print(bench.header_line(info))
 checks the output against the float64 reference and times numoe, the
 reference and — when PyTorch and transformers are installed — the
 equivalent Hugging Face transformers MoE block with the same weights
-(eager, and the `grouped_mm` experts implementation where available). The
-`seed-*` row is one of the original Mixtral-shaped configurations; the
-`tiny-*` rows are one small layer per model family."""),
+(eager, and the `grouped_mm` experts implementation where available). Each
+row gets a PASS/FAIL verdict: its error against the reference within the
+stated tolerance of its dtype. The `seed-*` row is one of the original
+Mixtral-shaped configurations; the `tiny-*` rows are one small layer per
+model family."""),
     ("code", """\
 shapes = ["seed-32x512x1024", "tiny-*"]
 layers = bench.run_layer_suite(shapes, budget=0.3, hf=True)
 print(bench.format_table(layers, "layers"))
 """),
     ("code", """\
-def grouped_bars(ax, rows, series, label):
+def speedup_bars(ax, rows, series, label):
+    """Bars of other / numoe time per row (> 1: numoe is faster), values on the bars."""
     width = 0.8 / len(series)
     for j, (key, name) in enumerate(series):
-        vals = [(r.get(key) or np.nan) * 1e3 for r in rows]
-        ax.bar(np.arange(len(rows)) + (j - (len(series) - 1) / 2) * width, vals, width=width,
-               label=name)
+        vals = np.array([r.get(key) or np.nan for r in rows], dtype=float)
+        xs = np.arange(len(rows)) + (j - (len(series) - 1) / 2) * width
+        bars = ax.bar(xs, vals, width=width, label=name)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2g}" for v in vals],
+                     fontsize=7, padding=2)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
     ax.set_xticks(range(len(rows)), [label(r) for r in rows], rotation=20, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per call (log, lower is better)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("speedup of numoe (> 1: numoe faster)")
+    ax.set_ylim(0, 1.2 * np.nanmax([r.get(k) or np.nan for r in rows for k, _ in series]))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
-series = [(key, name) for key, name in [("numoe_s", "numoe"), ("ref_s", "NumPy reference"),
-                                         ("hf_eager_s", "PyTorch (HF eager)"),
-                                         ("hf_grouped_s", "PyTorch (HF grouped_mm)")]
-          if any(r.get(key) for r in layers)]
+for r in layers:
+    r["hf_eager_ratio"] = r["hf_eager_s"] and r["hf_eager_s"] / r["numoe_s"]
+    r["hf_grouped_ratio"] = r["hf_grouped_s"] and r["hf_grouped_s"] / r["numoe_s"]
+# against PyTorch when it is installed, else against the NumPy reference
+series = [(key, name) for key, name in [("hf_eager_ratio", "vs PyTorch (HF eager)"),
+                                         ("hf_grouped_ratio", "vs PyTorch (HF grouped_mm)")]
+          if any(r.get(key) for r in layers)] or [("ref_speedup", "vs NumPy reference")]
 fig, ax = plt.subplots(figsize=(11, 3.8))
-grouped_bars(ax, layers, series, lambda r: r["name"])
-ax.set_title("one MoE layer forward, float32")
+speedup_bars(ax, layers, series, lambda r: r["name"])
+ax.set_title("one MoE layer forward, float32: other's time / numoe's time")
 fig.tight_layout()
 for r in layers:
     vs = "" if r["speedup"] is None else f", best HF time / numoe = {r['speedup']:.2f}"
@@ -541,15 +553,18 @@ routing = bench.run_routing_suite(T=16384, experts=(8, 64), ks=(2, 8), H=256, bu
 print(bench.format_table(routing, "routing"))
 
 label = lambda r: f"E={r['E']} k={r['k']}"
-fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
-grouped_bars(axes[0], routing, [(key, name) for key, name in
-             [("route_s", "numoe route"), ("ref_route_s", "NumPy reference"),
-              ("torch_route_s", "PyTorch")] if any(r.get(key) for r in routing)], label)
+for r in routing:
+    r["copy_over_permute"] = r["copy_s"] / r["permute_s"]
+    r["copy_over_unpermute"] = r["copy_s"] / r["unpermute_s"]
+fig, axes = plt.subplots(1, 2, figsize=(14, 3.6))
+speedup_bars(axes[0], routing, [(key, name) for key, name in
+             [("ref_ratio", "vs NumPy reference"), ("torch_ratio", "vs PyTorch")]
+             if any(r.get(key) for r in routing)], label)
 axes[0].set_title(f"top-k routing of {routing[0]['T']} tokens")
-grouped_bars(axes[1], routing, [("plan_s", "dispatch_plan"), ("permute_s", "permute"),
-                                ("unpermute_s", "unpermute"), ("copy_s", "np.copyto (floor)")],
-             label)
-axes[1].set_title(f"planning and moving rows (H={routing[0]['H']})")
+speedup_bars(axes[1], routing, [("copy_over_permute", "permute"),
+                                ("copy_over_unpermute", "unpermute")], label)
+axes[1].set_ylabel("copy floor / time (1 = at the floor)")
+axes[1].set_title(f"moving rows (H={routing[0]['H']}) against np.copyto of the same bytes")
 fig.tight_layout()
 """),
     ("md", """\
@@ -557,8 +572,9 @@ fig.tight_layout()
 
 How close is the layer to this machine's limits? Two ceilings, both
 measured here: the float32 GEMM rate of NumPy's BLAS (`bench.blas_gflops`,
-a 2048³ `np.matmul`) and the memory bandwidth of a 256 MiB `np.copyto`
-(`bench.memory_bandwidth`). A kernel doing `F` FLOPs while moving `B` bytes
+a 2048³ `np.matmul`) and the read bandwidth of a parallel read-only pass
+over 256 MiB (`bench.read_bandwidth`, a Numba `prange` sum: the layer
+mostly reads weights, and a copy, which also writes, would understate it). A kernel doing `F` FLOPs while moving `B` bytes
 has arithmetic intensity `F / B`; it can run no faster than
 `min(peak, intensity * bandwidth)`.
 
@@ -570,8 +586,8 @@ larger batches reuse each weight for many rows and climb towards the GEMM
 ceiling."""),
     ("code", """\
 peak = bench.blas_gflops(np.float32, budget=0.5)
-bw = bench.memory_bandwidth(budget=0.5)
-print(f"measured: sgemm {peak:.1f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s, "
+bw = bench.read_bandwidth(budget=0.5)
+print(f"measured: sgemm {peak:.1f} GFLOP/s, read bandwidth {bw / 1e9:.1f} GB/s, "
       f"ridge at {peak * 1e9 / bw:.1f} FLOP/byte")
 
 row = bench.ROWS["seed-32x512x1024"]
@@ -606,9 +622,11 @@ fig.tight_layout()
 Where a point sits well below the sloped roof, the batch is small enough
 that fixed costs (routing, planning, Python) dominate; on the flat part the
 remaining gap to the sgemm line is the cost of many small per-expert GEMMs
-instead of one large one. `numoe bench --suite latency` and
-`numoe bench --suite startup` cover per-call latency percentiles and
-import / first-call (JIT) cost."""),
+instead of one large one. `numoe bench --latency` (per-call latency
+percentiles on fresh tokens against the weight-read floor) and
+`numoe bench --startup` (import and first-call JIT cost, cold and warm
+cache) cover the rest; `numoe bench --dtype bfloat16` and
+`numoe bench --weights int8` run the same tables at lower precision."""),
 ]
 
 NOTEBOOKS = {

@@ -12,6 +12,7 @@ Examples::
     numoe bench routing                  # route / dispatch_plan / permute at T=65536
     numoe bench --latency                # decode latency percentiles (OLMoE shape)
     numoe bench --startup                # import + first forward, cold and warm cache
+    numoe bench --train --shapes 'tiny-*'  # forward + backward vs torch autograd
     mpiexec -n 2 numoe bench ep          # expert parallelism over MPI ranks, cost model
 """
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _parser():
                    help="same as the 'latency' suite")
     b.add_argument("--startup", dest="mode", action="store_const", const="startup",
                    help="same as the 'startup' suite")
+    b.add_argument("--train", dest="mode", action="store_const", const="train",
+                   help="forward + backward against torch autograd through HF's block "
+                        "(2 threads unless --threads)")
     b.add_argument("--shapes", help="comma list of row names or patterns (e.g. 'olmoe-*'); "
                    "for latency/startup, the one layer shape to use")
     b.add_argument("--list", action="store_true", help="list the registry rows and exit")
@@ -197,6 +201,9 @@ def _run_suite(bench, args):
             return bench.run_cuda_layer_suite(shapes, repeat=args.repeat, **kw)
         except Exception as exc:  # noqa: BLE001 - any failure: say why, plainly
             raise RuntimeError(f"the CUDA benchmark could not run: {exc}") from exc
+    if args.suite == "train":
+        return bench.run_train_suite(shapes, threads=args.threads or 2, repeat=args.repeat,
+                                     hf=args.hf, **budget, **kw)
     if args.weights is not None and args.suite not in ("layers", "latency"):
         raise ValueError(f"--weights applies to the layer and latency suites, not {args.suite!r}")
     if args.suite == "layers":

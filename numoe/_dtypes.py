@@ -52,9 +52,11 @@ def widened(a):
 
     For ops that compute in float32 and hand back the storage dtype (the
     backward ops' 16-bit path); other arrays pass through ``np.asarray``.
+    Any byte order: the storage dtype returned is the native one, and a
+    byte-swapped 16-bit array is widened like a native one.
     """
     arr = np.asarray(a)
-    dt = arr.dtype
+    dt = native(arr.dtype) if arr.dtype.kind in "fV" else arr.dtype
     if dt in NARROW:
         return arr.astype(FLOAT32), dt
     return arr, dt

@@ -54,13 +54,15 @@ def tokens_2d(name, a, *, min_ndim=2):
     """Flatten leading batch dims: ``[..., X] -> [T, X]``; returns ``(arr2d, lead_shape)``."""
     arr = float_array(name, a)
     if arr.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dims ([..., X]), got shape {arr.shape}")
+        raise ValueError(f"{name} must have at least {min_ndim} dims ([..., X]), "
+                         f"got shape {arr.shape}")
     lead = arr.shape[:-1]
     return np.ascontiguousarray(arr.reshape(-1, arr.shape[-1])), lead
 
 
 def index_array(name, a, *, ndim=None, upper=None):
-    """A C-contiguous int32 (int64 if values need it) array with values in ``[0, upper)``."""
+    """A C-contiguous native int32 (int64 if values need it) array with values in
+    ``[0, upper)``; any integer dtype and byte order is accepted (converted)."""
     arr = _as_ndarray(name, a)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
@@ -85,7 +87,8 @@ def check_finite(name, arr, *, allow_neg_inf=False):
     if allow_neg_inf:
         bad = np.isnan(arr) | (arr == np.inf)
         if bad.any():
-            raise ValueError(f"{name} holds NaN or +inf; only finite values and -inf (masked) are allowed")
+            raise ValueError(f"{name} holds NaN or +inf; only finite values and -inf (masked) "
+                             "are allowed")
     elif not np.isfinite(arr).all():
         raise ValueError(f"{name} holds NaN or inf; all values must be finite")
 

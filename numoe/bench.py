@@ -539,12 +539,10 @@ def build_layer(row, dtype="float32", weights=None, seed=0):
     if wname is not None and wname not in WEIGHT_DTYPES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
     try:
-        if wname is None or wname == "int8":
+        if wname is None:
             layer = numoe.MoELayer.random(cfg, seed=seed, dtype=dt)
         else:
             layer = numoe.MoELayer.random(cfg, seed=seed, dtype=dt, weight_dtype=wname)
-        if wname == "int8":
-            layer = layer.astype(weight_dtype="int8")
     except (TypeError, AttributeError) as exc:
         what = dt.name if wname is None else f"{dt.name} activations with {wname} weights"
         raise ValueError(f"this numoe cannot build a layer of {what}: {exc} (needs "
@@ -554,16 +552,13 @@ def build_layer(row, dtype="float32", weights=None, seed=0):
 
 def weight_dtype_name(layer):
     """The storage of the layer's expert weights: a dtype name or ``"int8"``."""
-    w = layer.w_down
-    return "int8" if not isinstance(w, np.ndarray) else np.dtype(w.dtype).name
+    return np.dtype(layer.w_down.dtype).name
 
 
 def _reference_kw(layer):
-    """Keyword arguments of :func:`numoe.reference.moe_forward` (int8 weights dequantized)."""
-    kw = dict(layer.weights(), top_k=layer.config.top_k)
-    for name in ("w_gate", "w_up", "w_down"):
-        kw[name] = _dense(kw[name])
-    return kw
+    """Keyword arguments of :func:`numoe.reference.moe_forward`: the layer's own arrays
+    (the reference widens them to float64 one expert at a time; int8 weights dequantized)."""
+    return dict(layer.weights(), top_k=layer.config.top_k)
 
 
 def _time_hf(layer, family, x, ref, dtype, repeat, budget, notes):
@@ -949,7 +944,8 @@ def isa_path():
             except Exception:  # noqa: BLE001 - informational only: fall back to the flags
                 break
             if isinstance(got, str):
-                return got
+                fallback = _fallback_name(cpu_flags())
+                return f"{got} ({fallback.split()[0]})" if "fallback" in got else got
             if isinstance(got, bool):
                 return "avx512_bf16" if got else _fallback_name(cpu_flags())
     flags = cpu_flags()
@@ -1270,3 +1266,164 @@ def _plot_panel_title(r, suite):
     if suite == "routing":
         return f"T={r['T']}, {label}, H={r['H']}"
     return f"{label} ({r.get('cache', '')})"
+
+
+# ------------------------------------------------------------- train suite
+# Forward + backward of whole layers (``numoe bench --train``): numoe's
+# ``layer.forward`` + ``layer.backward`` against torch autograd through the
+# equivalent HF block (eager and grouped_mm experts), same weights, input
+# and output gradient; peak memory of each as the rise of this process's
+# resident set during one step (sampled every half millisecond).
+def _rss_bytes():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_during(fn):
+    """``(result, bytes)``: ``fn()`` and how far the resident set rose above its
+    level at the call (polled by a thread; Linux ``/proc``, else ``None``)."""
+    import threading
+
+    try:
+        base = _rss_bytes()
+    except OSError:
+        return fn(), None
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(5e-4)
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        res = fn()
+    finally:
+        peak[0] = max(peak[0], _rss_bytes())
+        done.set()
+        th.join()
+    return res, peak[0] - base
+
+
+def _hf_train_step(torch, layer, family, x, d_y, dtype):
+    """``(block, step, impls)``: ``step()`` runs HF's forward and ``backward(d_y)``
+    and returns ``d_x`` (every parameter's gradient is filled too)."""
+    block, call = hf_block(layer, family, dtype)
+    for p in block.parameters():
+        p.requires_grad_(True)
+    block.train(False)
+    xt = _tensor(torch, x, dtype)
+    dyt = _tensor(torch, d_y, dtype)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        xg = xt.detach().requires_grad_(True)
+        call(xg).backward(dyt)
+        return xg.grad
+    impls = ["eager"] + (["grouped_mm"] if _has_grouped_mm() else [])
+    return block, step, impls
+
+
+def run_train_suite(shapes=None, *, threads=2, dtype="float32", repeat=None, budget=2.0,
+                    hf=True, progress=None):
+    """Time one training step (forward + backward) of whole layers against PyTorch.
+
+    Parameters
+    ----------
+    shapes : list of str or Row, or str, optional
+        Registry rows (default: the default suite).
+    threads : int, optional
+        Numba and PyTorch threads (default 2; None: leave as set).
+    dtype : {"float32", "float64"}
+    repeat, budget, progress
+        As :func:`run_layer_suite`.
+    hf : bool
+        Also time torch autograd through the HF block when installed.
+
+    Returns
+    -------
+    rows : list of dict
+        Per row: sizes, ``numoe_s`` (forward + backward, median, with
+        ``numoe_spread``), ``numoe_fwd_s`` (forward alone), ``hf_eager_s``,
+        ``hf_grouped_s``, ``speedup`` (HF best / numoe), ``dx_err`` (numoe's
+        ``d_x`` against HF's, relative), ``numoe_mem`` / ``hf_mem`` (bytes the
+        resident set rose during one step; HF: the larger of eager and
+        grouped_mm), ``notes``.
+    """
+    dt = as_float_dtype("dtype", dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"the train suite runs float32 or float64, not {dt.name}")
+    say = _reporter(progress)
+    hf_reason = hf_available() if hf else "not requested (--no-hf)"
+    torch = _torch() if hf_reason is None else None
+    out = []
+    with numba_threads(threads), _torch_threads(torch, threads):
+        for i, row in enumerate(select_rows(shapes), 1):
+            say(f"[{i}/{len(select_rows(shapes))}] {row.name} (train): T={row.T} E={row.E} "
+                f"k={row.k} H={row.H} F={row.F} ...")
+            res = _train_row(row, dt, repeat, budget, hf_reason, torch)
+            res["threads"] = numba.get_num_threads()
+            out.append(res)
+            best = "n/a" if res["speedup"] is None else f"{res['speedup']:.2f}x HF's best"
+            say(f"    numoe fwd+bwd {res['numoe_s'] * 1e3:.2f} ms, speedup {best}")
+    return out
+
+
+def _train_row(row, dt, repeat, budget, hf_reason, torch):
+    layer = build_layer(row, dt)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((row.T, row.H)).astype(dt)
+    d_y = rng.standard_normal((row.T, row.H)).astype(dt)
+
+    def step():
+        y, info = layer.forward(x, return_info=True)
+        return layer.backward(x, info, d_y)
+    g, mem = peak_rss_during(step)      # (also the warm-up: compiles)
+    t = time_calls(step, repeat=repeat, budget=budget, warmup=False)
+    t_fwd = time_calls(lambda: layer(x), repeat=repeat, budget=budget)
+    res = dict(name=row.name, preset=row.preset, T=row.T, E=row.E, k=row.k, H=row.H,
+               F=row.F, dtype=dt.name, numoe_s=t.median, numoe_spread=t.spread(),
+               numoe_fwd_s=t_fwd.median, numoe_fwd_spread=t_fwd.spread(), numoe_mem=mem,
+               hf_eager_s=None, hf_grouped_s=None, hf_mem=None, dx_err=None, speedup=None,
+               notes=[])
+    del g
+    if hf_reason is not None:
+        res["notes"].append(f"HF: {hf_reason}")
+        return res
+    try:
+        block, hf_step, impls = _hf_train_step(torch, layer, row.preset, x, d_y, dt)
+    except ValueError as exc:
+        res["notes"].append(f"HF: {exc}")
+        return res
+    times = {}
+    for impl in impls:
+        block.experts.config._experts_implementation = impl
+        try:
+            dx, m = peak_rss_during(hf_step)
+            tm = time_calls(hf_step, repeat=repeat, budget=budget, min_runs=2, warmup=False)
+        except (RuntimeError, ValueError) as exc:
+            res["notes"].append(f"HF {impl}: {str(exc).splitlines()[0]}")
+            continue
+        times[impl] = tm
+        res["hf_mem"] = m if res["hf_mem"] is None else max(res["hf_mem"], m)
+        if res["dx_err"] is None:
+            gx = layer.backward(x, layer.forward(x, return_info=True)[1], d_y)["x"]
+            res["dx_err"] = rel_err(gx, dx.detach().double().numpy())
+    for key, impl in (("hf_eager", "eager"), ("hf_grouped", "grouped_mm")):
+        if impl in times:
+            res[key + "_s"], res[key + "_spread"] = times[impl].median, times[impl].spread()
+    best = min((tm.median for tm in times.values()), default=None)
+    res["speedup"] = None if best is None else best / t.median
+    return res
+
+
+COLUMNS["train"] = [
+    ("name", "row", "s"), ("T", "T", "s"), ("E", "E", "s"), ("k", "k", "s"), ("H", "H", "s"),
+    ("F", "F", "s"), ("dtype", "dtype", "s"), ("numoe_fwd_s", "numoe fwd ms", "ms"),
+    ("numoe_s", "numoe fwd+bwd ms", "ms"), ("hf_eager_s", "HF eager ms", "ms"),
+    ("hf_grouped_s", "HF grouped_mm ms", "ms"), ("dx_err", "d_x err vs HF", "e"),
+    ("numoe_mem", "numoe MiB", "mib"), ("hf_mem", "HF MiB", "mib"),
+    ("speedup", "speedup vs HF (>1: numoe faster)", "x")]
+PLOT_SERIES["train"] = [("numoe_s", "numoe fwd+bwd"), ("hf_eager_s", "HF eager fwd+bwd"),
+                        ("hf_grouped_s", "HF grouped_mm fwd+bwd")]

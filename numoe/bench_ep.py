@@ -30,7 +30,7 @@ import numoe
 from numoe import bench
 from numoe._jit import threads as numba_threads
 
-DEFAULT_SHAPE = "1024,8,2,1024,2048"        # T, E, k, H, F (Mixtral-style)
+DEFAULT_SHAPE = "512,8,2,1024,2048"         # T, E, k, H, F (Mixtral-style)
 BANDWIDTHS_GBIT = (10, 25, 100, 400)        # network links, Gbit/s per direction
 RANKS = (2, 4, 8, 16, 64)
 

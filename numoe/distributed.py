@@ -218,7 +218,10 @@ class ExpertParallel:
             ``logits``, ``routing``, ``plan`` (local flat ids; its capacity
             and drops are those of the whole batch), ``stats`` (this rank's
             tokens); ``aux_loss`` and ``z_loss`` of the whole batch (summed
-            over ranks in rank order: equal to one process to rounding).
+            over ranks in rank order: equal to one process to rounding);
+            ``ep``: what :meth:`backward` reads (the whole batch's token
+            count and assignments per expert, the exchange layout, and the
+            rows this rank's experts received).
 
         Raises
         ------
@@ -243,7 +246,7 @@ class ExpertParallel:
                             scale=cfg.scale)
             plan0 = dispatch_plan(routing.experts, E)        # dropless, local flat ids
             T = x2.shape[0]
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - tell the other ranks, then raise it here
             err = exc
         t1 = clock()
 
@@ -291,10 +294,9 @@ class ExpertParallel:
         xin = np.empty((int(kin.sum()), H), dtype=x2.dtype)
         self._exchange(xs, send_rows, xin, kin, H, forward=True)
         t3 = clock()
-        yin = np.empty_like(xin)
-        sh = self._run_experts(x2, xin, kin, yin)
+        yin, sh, xc = self._run_experts(x2, xin, kin)
         t4 = clock()
-        ys = np.empty_like(xs)
+        ys = np.empty((xs.shape[0], H), dtype=yin.dtype)    # compute dtype, as one process
         self._exchange(ys, send_rows, yin, kin, H, forward=False)
         t5 = clock()
         y = unpermute(ys, plan, routing.weights)
@@ -303,22 +305,235 @@ class ExpertParallel:
 
             gate = None
             if layer.shared_gate_weight is not None:
-                gate = cpu.matmul(x2, layer.shared_gate_weight[:, None])[:, 0]
+                gate = cpu.linear(xc, layer.shared_gate_weight[:, None],
+                                  rowwise=layer.batch_invariant)[:, 0]
             cpu.add_shared(y, sh, gate)
+        if y.dtype != layer.dtype:
+            y = y.astype(layer.dtype)
         y = y.reshape(lead + (H,))
         t6 = clock()
 
-        item = x2.dtype.itemsize * H
         own = self.rank
         sent = int(send_rows.sum() - send_rows[own])
         recv = int(kin.sum() - kin[own].sum())
-        self.traffic = dict(sent=(sent + recv) * item, received=(recv + sent) * item,
-                            local=int(send_rows[own]) * item, meta=int(meta))
-        self.timings = dict(route=t1 - t0, exchange=(t2 - t1) + (t3 - t2) + (t5 - t4),
+        out_b, back_b = x2.dtype.itemsize * H, yin.dtype.itemsize * H
+        self.traffic = dict(sent=sent * out_b + recv * back_b,
+                            received=recv * out_b + sent * back_b,
+                            local=int(send_rows[own]) * (out_b + back_b), meta=int(meta))
+        self.timings = dict(route=t1 - t0, exchange=(t3 - t1) + (t5 - t4),
                             experts=t4 - t3, combine=t6 - t5)
         if not return_info:
             return y
-        return y, self._info(logits, routing, plan, Tg)
+        info = self._info(logits, routing, plan, Tg)
+        info["ep"].update(kin=kin, send_rows=send_rows, xin=xin)   # for backward
+        return y, info
+
+    # ----------------------------------------------------------- backward
+    def backward(self, x_local, info, d_y_local, *, aux_loss_coef=0.0, z_loss_coef=0.0):
+        """Gradients as :meth:`numoe.MoELayer.backward`, spread like the forward.
+
+        Collective. The rows' output gradients go to the experts' owners
+        (with their routing weights), each owner runs the expert backward on
+        the block of rows it saw in the forward, and the input gradients
+        and routing-weight gradients come back; the router, its bias and
+        the shared experts' gradients are summed over the ranks in rank
+        order (a chain ``((g0 + g1) + g2) + ...`` in float64, then
+        broadcast), so every rank holds the same values.
+
+        Parameters
+        ----------
+        x_local : (..., H) float array
+            This rank's input to :meth:`forward`.
+        info : dict
+            From ``ep.forward(x_local, return_info=True)``.
+        d_y_local : (..., H) float array
+            Gradient of the loss with respect to this rank's ``y``.
+        aux_loss_coef, z_loss_coef : float
+            Coefficients of the whole batch's load-balancing loss and
+            z-loss (``info["aux_loss"]``, ``info["z_loss"]``).
+
+        Returns
+        -------
+        dict
+            ``"x"``: this rank's ``d_x``; ``router``, ``router_bias`` and the
+            ``shared_*`` entries: the whole batch's gradients (the same on
+            every rank); the expert entries (``w_gate``, ``w_up``,
+            ``w_down``, ``b_gate``, ``b_up``, ``b_down``): the gradients of
+            this rank's experts only, ``[len(ep.experts), ...]`` (rows
+            ``ep.experts`` of the one-process gradient). Same names and
+            dtypes as :meth:`numoe.MoELayer.parameters`.
+
+        Notes
+        -----
+        Equal to the one-process ``layer.backward`` on the concatenated
+        batch to rounding: the expert gradients see the same rows in the
+        same blocks (bit for bit given the same router logits); the router
+        and shared gradients are sums over ranks of per-rank products.
+        """
+        from ._cpu import experts as cpu
+        from . import _validate as V
+        from .dispatch import permute_backward
+        from .routing import route_backward, router_probs, router_probs_backward
+        from .losses import router_z_loss_backward
+
+        layer, cfg, comm = self.layer, self.layer.config, self.comm
+        E, k, F, H = cfg.num_experts, cfg.top_k, cfg.expert_dim, cfg.hidden_dim
+        e0, e1 = self.experts.start, self.experts.stop
+        err = None
+        try:
+            if not isinstance(info, dict) or "ep" not in info:
+                raise TypeError("info must be the dict from ep.forward(x_local, "
+                                "return_info=True)")
+            x2, lead = layer._host_tokens(x_local)
+            T = x2.shape[0]
+            logits, routing, plan = info["logits"], info["routing"], info["plan"]
+            if np.shape(logits) != (T, E):
+                raise ValueError(f"info does not belong to this x_local: logits "
+                                 f"{np.shape(logits)}, expected {(T, E)}")
+            aux_loss_coef = V.real("aux_loss_coef", aux_loss_coef)
+            z_loss_coef = V.real("z_loss_coef", z_loss_coef)
+            cdt = x2.dtype
+            dy = V.float_array("d_y_local", d_y_local, dtype=cdt)
+            if dy.shape != np.shape(x_local):
+                raise ValueError(f"d_y_local must have the shape of x_local "
+                                 f"{np.shape(x_local)}, got {dy.shape}")
+            dy = dy.reshape(T, H)
+            V.check_finite("d_y_local", dy)
+        except Exception as exc:  # noqa: BLE001 - tell the other ranks, then raise it here
+            err = exc
+        bad = [r for r, e in enumerate(comm.allgather(err is not None)) if e]
+        if err is not None:
+            raise err
+        if bad:
+            raise ValueError(f"ExpertParallel.backward: rank(s) {bad} got bad input (see the "
+                             "error raised there); nothing was computed")
+        ep = info["ep"]
+        kin, send_rows, xin, Tg = ep["kin"], ep["send_rows"], ep["xin"], ep["tokens"]
+        wide = lambda a: None if a is None else np.ascontiguousarray(a, dtype=cdt)  # noqa
+        new = lambda a: None if a is None else np.empty(np.shape(a), cdt)          # noqa
+
+        # routed experts: output gradients and routing weights to the owners
+        order = np.asarray(plan.order)
+        rows = order // k
+        dys = np.take(dy, rows, axis=0)
+        rs = np.ascontiguousarray(np.asarray(routing.weights).reshape(-1)[order], dtype=cdt)
+        n_in = xin.shape[0]
+        dys_in = np.empty((n_in, H), cdt)
+        rs_in = np.empty(n_in, cdt)
+        self._exchange(dys, send_rows, dys_in, kin, H, forward=True)
+        self._exchange(rs, send_rows, rs_in, kin, 1, forward=True)
+        w1 = wide(layer._w1[e0:e1])
+        offs = np.concatenate([[0], np.cumsum(kin.sum(axis=0))]).astype(np.int64)
+        sl = lambda a: None if a is None else a[e0:e1]                            # noqa
+        job = cpu.BackwardJob(
+            xs=wide(xin), offsets=offs, w1=w1, w_up=None, fused=cfg.glu,
+            w_down=wide(sl(layer.w_down)), b_gate=wide(sl(layer.b_gate)),
+            b_up=wide(sl(layer.b_up)), b_down=wide(sl(layer.b_down)), code=layer._code,
+            limit=layer._limit, alpha=layer._alpha, d_ys=dys_in, row_scale=rs_in,
+            d_xs=np.empty((n_in, H), cdt), d_w1=np.empty(w1.shape, cdt), d_w_up=None,
+            d_w_down=new(sl(layer.w_down)), d_b_gate=new(sl(layer.b_gate)),
+            d_b_up=new(sl(layer.b_up)), d_b_down=new(sl(layer.b_down)),
+            d_scale=np.empty(n_in))
+        if n_in:
+            cpu.run_backward(job)
+        else:                                   # no rows: zero weight gradients
+            for a in (job.d_w1, job.d_w_down, job.d_b_gate, job.d_b_up, job.d_b_down):
+                if a is not None:
+                    a[...] = 0
+        d_xs = np.empty((order.shape[0], H), cdt)
+        d_scale = np.empty(order.shape[0])
+        self._exchange(d_xs, send_rows, job.d_xs, kin, H, forward=False)
+        self._exchange(d_scale, send_rows, job.d_scale, kin, 1, forward=False)
+        d_x = permute_backward(d_xs, plan)
+        d_w = np.zeros(T * k)
+        d_w[order] = d_scale
+        grads = dict(w_gate=job.d_w1[..., :F] if cfg.glu else job.d_w1,
+                     w_down=job.d_w_down, b_gate=job.d_b_gate, b_up=job.d_b_up,
+                     b_down=job.d_b_down)
+        if cfg.glu:
+            grads["w_up"] = job.d_w1[..., F:]
+
+        # router: routing weights, the whole batch's aux and z losses, the product
+        lg = np.asarray(logits)
+        d_logits = np.asarray(route_backward(
+            lg, routing, d_w.reshape(T, k).astype(lg.dtype), score=cfg.score,
+            renormalize=cfg.renormalize, scale=cfg.scale), dtype=np.float64)
+        if aux_loss_coef and T:
+            row = aux_loss_coef * E * (ep["counts"] / (Tg * k)) / Tg
+            probs = router_probs(lg, cfg.score)
+            d_p = np.empty(np.shape(probs), np.asarray(probs).dtype)
+            d_p[...] = row.astype(d_p.dtype)
+            d_logits += router_probs_backward(lg, d_p, score=cfg.score)
+        if z_loss_coef and T:
+            d_logits += router_z_loss_backward(lg, d_loss=z_loss_coef * T / Tg)
+        d_logits = d_logits.astype(cdt)
+        part = {"router": cpu.matmul_tn(x2, d_logits) if T else np.zeros((H, E), cdt)}
+        if layer.router_bias is not None:
+            part["router_bias"] = np.empty(E, cdt)
+            cpu.column_sums(d_logits, np.zeros(0, cdt), part["router_bias"])
+        if T:
+            d_x += cpu.matmul(d_logits, wide(layer.router).T)
+
+        # shared SwiGLU MLP on this rank's tokens (its sigmoid gate as a row scale)
+        if layer._s1 is not None:
+            S = cfg.shared_expert_dim
+            gw = wide(layer.shared_gate_weight)
+            s1 = wide(layer._s1)[None]
+            d_s1 = np.zeros(s1.shape, cdt)
+            d_sd = np.zeros((1, S, H), cdt)
+            if gw is not None:
+                part["shared_gate_weight"] = np.zeros(H, cdt)
+            if T:
+                sig = None
+                if gw is not None:
+                    a = cpu.matmul(x2, gw[:, None])[:, 0].astype(np.float64)
+                    sig = 1.0 / (1.0 + np.exp(-a))
+                sjob = cpu.BackwardJob(
+                    xs=x2, offsets=np.array([0, T], np.int64), w1=s1, w_up=None, fused=True,
+                    w_down=wide(layer.shared_down_proj)[None], b_gate=None, b_up=None,
+                    b_down=None, code=0, limit=math.inf, alpha=1.0, d_ys=dy,
+                    row_scale=None if sig is None else sig.astype(cdt),
+                    d_xs=np.empty((T, H), cdt), d_w1=d_s1, d_w_up=None, d_w_down=d_sd,
+                    d_b_gate=None, d_b_up=None, d_b_down=None,
+                    d_scale=None if sig is None else np.empty(T))
+                cpu.run_backward(sjob)
+                d_x += sjob.d_xs
+                if sig is not None:
+                    d_a = (sig * (1.0 - sig) * sjob.d_scale).astype(cdt)
+                    part["shared_gate_weight"] = cpu.matmul_tn(x2, d_a[:, None])[:, 0]
+                    d_x += d_a[:, None] * gw[None, :]
+            part["shared_gate_proj"] = d_s1[0, :, :S]
+            part["shared_up_proj"] = d_s1[0, :, S:]
+            part["shared_down_proj"] = d_sd[0]
+        grads.update(self._ordered_sum(part))
+        out = {"x": d_x.reshape(lead + (H,))}
+        for name, p in layer.parameters().items():
+            g = grads[name]
+            out[name] = g if g.dtype == p.dtype else g.astype(p.dtype)
+        return out
+
+    def _ordered_sum(self, parts):
+        """Sum each array of ``parts`` over the ranks in rank order, exactly:
+        rank r receives the float64 sum of ranks ``0..r-1``, adds its own and
+        passes it on; the last rank broadcasts the total. Returns the sums
+        in the arrays' dtypes."""
+        comm, r, P = self.comm, self.rank, self.size
+        names = sorted(parts)
+        flat = np.concatenate([np.asarray(parts[n], np.float64).reshape(-1) for n in names]) \
+            if names else np.zeros(0)
+        acc = flat.copy()
+        if r > 0:
+            comm.Recv(acc, source=r - 1, tag=71)
+            acc += flat
+        if r < P - 1:
+            comm.Send(acc, dest=r + 1, tag=71)
+        comm.Bcast(acc, root=P - 1)
+        out, pos = {}, 0
+        for n in names:
+            a = np.asarray(parts[n])
+            out[n] = acc[pos:pos + a.size].reshape(a.shape).astype(a.dtype)
+            pos += a.size
+        return out
 
     # ----------------------------------------------------------- helpers
     def _owner_sums(self, counts):
@@ -406,35 +621,42 @@ class ExpertParallel:
         kept = cs[start + cand_in] - cs[start]
         return flags.astype(bool), kept, meta
 
-    def _run_experts(self, x2, xin, kin, yin):
+    def _run_experts(self, x2, xin, kin):
         """This rank's experts on the received rows (one block per expert, as in
-        one process) and the shared experts on its own tokens; returns the
-        shared output (or None)."""
+        one process) and the shared experts on its own tokens, in the compute
+        dtype (16-bit rows widened to float32). Returns ``(yin, sh, xc)``: the
+        experts' rows, the shared output (or None) and ``x2`` in the compute
+        dtype."""
         from ._cpu import experts as cpu
 
         layer, cfg = self.layer, self.layer.config
         e0, e1 = self.experts.start, self.experts.stop
         T, H = x2.shape
+        inv = layer.batch_invariant
+        xin_c = layer._compute_x(xin)
+        yin = np.empty(xin_c.shape, dtype=xin_c.dtype)
         jobs = []
         if xin.shape[0]:
             offs = np.concatenate([[0], np.cumsum(kin.sum(axis=0))]).astype(np.int64)
             jobs.append(cpu.Job(
-                src=xin, order=None, k=1, offsets=offs, w1=layer._w1[e0:e1], w_up=None,
+                src=xin_c, order=None, k=1, offsets=offs, w1=layer._w1[e0:e1], w_up=None,
                 fused=cfg.glu, w_down=layer.w_down[e0:e1],
                 b_gate=None if layer.b_gate is None else layer.b_gate[e0:e1],
                 b_up=None if layer.b_up is None else layer.b_up[e0:e1],
                 b_down=None if layer.b_down is None else layer.b_down[e0:e1],
-                code=layer._code, limit=layer._limit, alpha=layer._alpha, out=yin))
+                code=layer._code, limit=layer._limit, alpha=layer._alpha, out=yin,
+                stream_all=inv))
+        xc = layer._compute_x(x2)
         sh = None
         if layer._s1 is not None and T:
-            sh = np.empty((T, H), dtype=x2.dtype)
+            sh = np.empty((T, H), dtype=xc.dtype)
             jobs.append(cpu.Job(
-                src=x2, order=None, k=1, offsets=np.array([0, T], np.int64),
+                src=xc, order=None, k=1, offsets=np.array([0, T], np.int64),
                 w1=layer._s1[None], w_up=None, fused=True,
                 w_down=layer.shared_down_proj[None], b_gate=None, b_up=None, b_down=None,
-                code=0, limit=math.inf, alpha=1.0, out=sh))
+                code=0, limit=math.inf, alpha=1.0, out=sh, stream_all=inv))
         cpu.run_jobs(jobs)
-        return sh
+        return yin, sh, xc
 
     def _info(self, logits, routing, plan, Tg):
         """``info`` of this rank's tokens with the whole batch's losses."""
@@ -457,6 +679,8 @@ class ExpertParallel:
             f = total[E:2 * E] / (Tg * k)
             info["aux_loss"] = float(E * np.sum(f * (total[:E] / Tg)))
             info["z_loss"] = float(total[2 * E] / Tg)
+        # the whole batch's token count and assignments per expert (for backward)
+        info["ep"] = dict(tokens=Tg, counts=total[E:2 * E].astype(np.int64))
         return info
 
 

@@ -736,6 +736,8 @@ class MoELayer:
                              f"expected {(T, E)}")
         aux_loss_coef = V.real("aux_loss_coef", aux_loss_coef)
         z_loss_coef = V.real("z_loss_coef", z_loss_coef)
+        xdt = x2.dtype
+        x2 = self._compute_x(x2)                 # 16-bit activations: float32
         cdt = x2.dtype
         dy = V.float_array("d_y", d_y, dtype=cdt)
         if dy.shape != np.shape(x):
@@ -743,7 +745,13 @@ class MoELayer:
         dy = dy.reshape(T, H)
         V.check_finite("d_y", dy)
         params = self.parameters()
-        wide = lambda a: None if a is None else np.ascontiguousarray(a, dtype=cdt)  # noqa
+        def wide(a):        # a weight in the compute dtype (a copy if stored narrower)
+            if a is None or (isinstance(a, np.ndarray) and a.dtype == cdt):
+                return a
+            if isinstance(a, np.ndarray):
+                return cpu.widen_weight(a, cdt)
+            return np.ascontiguousarray(np.asarray(a), dtype=cdt)    # QuantizedArray
+
         grads = {}
 
         # routed experts, the combine folded in (row scale = routing weight)
@@ -811,10 +819,11 @@ class MoELayer:
                 d_a = (sig * (1.0 - sig) * sjob.d_scale).astype(cdt)
                 grads["shared_gate_weight"] = cpu.matmul_tn(x2, d_a[:, None])[:, 0]
                 d_x += d_a[:, None] * gw[None, :]
-        out = {"x": d_x.reshape(lead + (H,))}
-        for name, p in params.items():
+        out = {"x": d_x.reshape(lead + (H,)).astype(xdt, copy=False)}
+        for name, p in params.items():     # each in its parameter's float dtype
             g = grads[name]
-            out[name] = g if g.dtype == p.dtype else g.astype(p.dtype)
+            keep = not isinstance(p, np.ndarray) or g.dtype == p.dtype   # int8: float32
+            out[name] = g if keep else g.astype(p.dtype)
         return out
 
     # -------------------------------------------------------------- device

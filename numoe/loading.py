@@ -36,7 +36,7 @@ from . import _dtypes as D
 from .config import MoEConfig
 
 __all__ = ["FAMILIES", "from_hf", "from_state_dict", "from_safetensors", "config_from_hf",
-           "moe_layer_indices"]
+           "moe_layer_indices", "dequantize_fp8", "dequantize_mxfp4"]
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
             "switch_transformers")
@@ -298,26 +298,142 @@ def _to_numpy(name, a):
     return arr
 
 
-class _Source:
-    """Named tensors of one MoE block: ``get(local_name, shape)`` -> NumPy array (HF layout)."""
+_FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+_FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
-    def __init__(self, where, prefix, lookup, has):
+
+def dequantize_fp8(weight, scale_inv, block_size=(128, 128), dtype=np.float32):
+    """A block-wise scaled float8 weight (DeepSeek-V3 checkpoints) as floats.
+
+    Parameters
+    ----------
+    weight : (..., N, K) float8 array (``ml_dtypes.float8_e4m3fn`` or ``float8_e5m2``)
+    scale_inv : (..., ceil(N/bn), ceil(K/bk)) float array
+        One multiplier per ``bn x bk`` block (a single value: per tensor).
+    block_size : (int, int) or None
+        ``(bn, bk)`` (the config's ``quantization_config.weight_block_size``);
+        None: per-tensor scale.
+    dtype : float dtype
+        Of the result; the products are formed in float32.
+
+    Returns
+    -------
+    (..., N, K) array of ``dtype``
+    """
+    w = np.asarray(weight).astype(np.float32)
+    s = np.asarray(scale_inv).astype(np.float32)
+    if block_size is None or s.size == 1:
+        return (w * s.reshape(()) if s.size == 1 else w * s).astype(dtype, copy=False)
+    bn, bk = (int(v) for v in block_size)
+    N, K = w.shape[-2:]
+    want = w.shape[:-2] + (-(-N // bn), -(-K // bk))
+    if s.shape != want:
+        raise ValueError(f"scale_inv must have shape {want} for a weight of shape {w.shape} "
+                         f"in {bn}x{bk} blocks, got {s.shape}")
+    s = np.repeat(np.repeat(s, bn, axis=-2)[..., :N, :], bk, axis=-1)[..., :K]
+    return (w * s).astype(dtype, copy=False)
+
+
+def dequantize_mxfp4(blocks, scales, dtype=ml_dtypes.bfloat16):
+    """MXFP4 expert weights (gpt-oss checkpoints) as floats, in the "x @ W" layout.
+
+    Parameters
+    ----------
+    blocks : (E, N, G, 16) uint8 array
+        Two FP4 (E2M1) values per byte, low nibble first: row ``n`` of expert
+        ``e`` holds ``K = 32 G`` values in ``G`` groups of 32.
+    scales : (E, N, G) uint8 array
+        Each group's power-of-two scale, ``2**(scale - 127)`` (E8M0).
+    dtype : float dtype
+        Of the result (every MXFP4 value is exact in bfloat16).
+
+    Returns
+    -------
+    (E, K, N) array of ``dtype``
+        Transposed from the stored ``[E, N, K]`` (HF's dequantisation gives the
+        same ``[E, K, N]``: gpt-oss ``gate_up_proj [E, H, 2F]``, ``down_proj
+        [E, F, H]``).
+    """
+    b = np.asarray(blocks)
+    sc = np.asarray(scales)
+    if b.dtype != np.uint8 or sc.dtype != np.uint8:
+        raise TypeError(f"blocks and scales must be uint8, got {b.dtype} and {sc.dtype}")
+    if b.ndim != 4 or b.shape[-1] != 16 or b.shape[:-1] != sc.shape:
+        raise ValueError(f"blocks must be (E, N, G, 16) and scales (E, N, G), got "
+                         f"{b.shape} and {sc.shape}")
+    E, N, G, _ = b.shape
+    out = np.empty((E, 32 * G, N), dtype)
+    vals = np.empty((N, G, 32), np.float32)
+    for e in range(E):                       # one expert at a time: bounded float32 scratch
+        vals[..., 0::2] = _FP4_VALUES[b[e] & 0x0F]
+        vals[..., 1::2] = _FP4_VALUES[b[e] >> 4]
+        np.ldexp(vals, (sc[e].astype(np.int32) - 127)[..., None], out=vals)
+        out[e] = vals.reshape(N, 32 * G).T
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quant:
+    """How to read quantized tensors: FP8 block size and the dtype they dequantize to."""
+
+    fp8_block: tuple | None = (128, 128)
+    dtype: np.dtype = D.BFLOAT16
+
+
+def _quant(hf, dtype):
+    """The :class:`_Quant` of a config.json's ``quantization_config`` (checked)."""
+    qdt = D.BFLOAT16 if dtype is None else dtype
+    qc = (hf or {}).get("quantization_config")
+    if not qc:
+        return _Quant(dtype=qdt)
+    method = qc.get("quant_method")
+    if method == "fp8":
+        bs = qc.get("weight_block_size")
+        return _Quant(fp8_block=None if bs is None else tuple(int(v) for v in bs), dtype=qdt)
+    if method == "mxfp4":
+        return _Quant(dtype=qdt)
+    raise ValueError(f"config quantization_config.quant_method {method!r} is not supported "
+                     "(numoe reads float checkpoints, block-wise 'fp8' and 'mxfp4')")
+
+
+class _Source:
+    """Named tensors of one MoE block: ``get(local_name, shape)`` -> NumPy array (HF
+    layout); quantized tensors (FP8 + ``_scale_inv``, MXFP4 ``_blocks`` + ``_scales``)
+    come back dequantized."""
+
+    def __init__(self, where, prefix, lookup, has, quant=_Quant()):
         self.where, self.prefix, self._lookup, self._has = where, prefix, lookup, has
+        self.quant = quant
 
     def has(self, local):
-        return self._has(self.prefix + local)
+        key = self.prefix + local
+        return self._has(key) or self._has(key + "_blocks")
+
+    def _read(self, key):
+        return _to_numpy(f"{self.where}[{key!r}]", self._lookup(key))
 
     def get(self, local, shape=None):
         key = self.prefix + local
-        if not self._has(key):
+        if self._has(key):
+            a = self._read(key)
+            if a.dtype in _FP8:
+                sk = key + "_scale_inv"
+                if not self._has(sk):
+                    raise TypeError(f"{self.where}[{key!r}] is float8 but {sk!r} (its "
+                                    "scales) is missing")
+                a = dequantize_fp8(a, self._read(sk), self.quant.fp8_block, self.quant.dtype)
+        elif self._has(key + "_blocks") and self._has(key + "_scales"):
+            a = dequantize_mxfp4(self._read(key + "_blocks"), self._read(key + "_scales"),
+                                 self.quant.dtype)
+        else:
             raise ValueError(f"{self.where} has no tensor {key!r}")
-        a = _to_numpy(f"{self.where}[{key!r}]", self._lookup(key))
         if shape is not None and tuple(a.shape) != tuple(shape):
             raise ValueError(f"{self.where}[{key!r}] must have shape {tuple(shape)}, "
                              f"got {tuple(a.shape)}")
-        if a.dtype.kind != "f" and a.dtype not in D.FLOATS:
+        if D.native(a.dtype) not in D.FLOATS:
             raise TypeError(f"{self.where}[{key!r}] must be a float tensor, got dtype "
-                            f"{a.dtype} (quantized checkpoints are not supported)")
+                            f"{a.dtype}")
         return a
 
 
@@ -552,7 +668,8 @@ def _family_from_keys(keys):
 
 
 def _resolve(config, family, keys=None):
-    """(family, MoEConfig) from a from_state_dict/from_safetensors ``config``/``family``."""
+    """(family, MoEConfig, config dict or None) from a from_state_dict/from_safetensors
+    ``config``/``family``."""
     fam = None if family is None else _family("family", family)
     if isinstance(config, MoEConfig):
         if fam is None and keys is not None:
@@ -560,7 +677,7 @@ def _resolve(config, family, keys=None):
         if fam is None:
             raise ValueError("family is required when config is a numoe.MoEConfig "
                              f"(one of {', '.join(FAMILIES)})")
-        return fam, config
+        return fam, config, None
     hf = _hf_dict("config", config)
     if "model_type" in hf:
         mt = _family("config['model_type']", hf["model_type"])
@@ -570,7 +687,7 @@ def _resolve(config, family, keys=None):
         fam = mt
     if fam is None:
         raise ValueError("family is required: config has no 'model_type'")
-    return fam, config_from_hf(hf, fam)
+    return fam, config_from_hf(hf, fam), hf
 
 
 def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, layer_cls=None,
@@ -610,12 +727,13 @@ def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, l
     if prefix and not prefix.endswith("."):
         prefix += "."
     local = [k[len(prefix):] for k in state_dict if isinstance(k, str) and k.startswith(prefix)]
-    fam, cfg = _resolve(config, family, local)
+    fam, cfg, hf = _resolve(config, family, local)
     cfg = _with_options(cfg, options)
     if not any(k == NAMES[fam].router for k in local):
         raise ValueError(f"state_dict has no {prefix + NAMES[fam].router!r}: not a {fam} MoE "
                          f"block under prefix={prefix!r}")
-    src = _Source("state_dict", prefix, state_dict.__getitem__, state_dict.__contains__)
+    quant = _quant(hf, _float_dtype("dtype", dtype))
+    src = _Source("state_dict", prefix, state_dict.__getitem__, state_dict.__contains__, quant)
     return _build(_layer_cls(layer_cls), fam, cfg, src, dtype)
 
 
@@ -623,7 +741,8 @@ def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, l
 # safetensors dtype names NumPy's own dtypes do not cover (the package's NumPy API
 # rejects them): read from the file's bytes and viewed as ml_dtypes.
 _RAW_DTYPES = {"BF16": D.BFLOAT16, "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-               "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+               "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+               "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu)}
 
 
 class _Checkpoint:
@@ -758,7 +877,8 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
     ckpt = _Checkpoint(path)
     try:
         hf = None if isinstance(cfg_in, MoEConfig) else _hf_dict("config", cfg_in)
-        fam, cfg = _resolve(cfg_in, family)
+        fam, cfg, _ = _resolve(cfg_in, family)
+        quant = _quant(hf, _float_dtype("dtype", dtype))
         if hf is not None and prefix is None:
             n_key = "num_layers" if fam == "switch_transformers" else "num_hidden_layers"
             n = hf.get(n_key)
@@ -784,7 +904,8 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
         if not found:
             raise ValueError(f"layer_index {i}: the checkpoint has no MoE router tensor "
                              f"{cands[0] + names.router!r} (a dense layer, or pass prefix=)")
-        src = _Source(f"checkpoint {path}", found[0], ckpt.__getitem__, ckpt.__contains__)
+        src = _Source(f"checkpoint {path}", found[0], ckpt.__getitem__, ckpt.__contains__,
+                      quant)
         cfg = _with_options(cfg, options)
         return _build(_layer_cls(layer_cls), fam, cfg, src, dtype)
     finally:

@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from . import _dtypes as D
+from . import _validate as V
 
 __all__ = ["QuantizedArray", "quantize"]
 
@@ -133,10 +133,7 @@ def quantize(w, axis=-2):
     """
     if isinstance(w, QuantizedArray):
         raise TypeError("w is already a QuantizedArray")
-    a = np.asarray(w)
-    if a.dtype == object or a.dtype.kind != "f" or D.native(a.dtype) not in D.FLOATS:
-        raise TypeError(f"w must be a float array (float16, bfloat16, float32, float64), "
-                        f"got dtype {a.dtype}")
+    a = V.float_array("w", w)
     if a.ndim < 1:
         raise ValueError("w must have at least one dimension")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) \

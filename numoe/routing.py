@@ -153,6 +153,9 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
     array([[1, 3]], dtype=int32)
     >>> r.weights
     array([[0.5, 0.5]])
+    >>> import ml_dtypes                     # 16-bit in, 16-bit out
+    >>> numoe.route(r.weights.astype(ml_dtypes.bfloat16), 1).weights
+    array([[1]], dtype=bfloat16)
     """
     if backend_of(logits=logits, bias=bias) == "cuda":
         return cuda_module("routing").route(

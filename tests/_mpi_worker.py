@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 import traceback
 
+import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
@@ -68,23 +69,27 @@ def _split(T_all, mode):
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def run_case(name, cfg_name, T_all, split, dtype=np.float32, **cfg_kw):
+def run_case(name, cfg_name, T_all, split, dtype=np.float32, layer_kw=None, **cfg_kw):
     cfg = _config(cfg_name, **cfg_kw)
-    layer = numoe.MoELayer.random(cfg, seed=7, dtype=dtype)
+    layer = numoe.MoELayer.random(cfg, seed=7, dtype=dtype, **(layer_kw or {}))
     rng = np.random.default_rng(11)
     x_all = rng.standard_normal((T_all, cfg.hidden_dim)).astype(dtype)
+    exact = layer.batch_invariant          # then y is bit-identical to one process outright
     bounds = _split(T_all, split)
     lo, hi = int(bounds[RANK]), int(bounds[RANK + 1])
     ep = ExpertParallel(layer)
     y, info = ep.forward(x_all[lo:hi], return_info=True)
     y_ref, info_ref = layer.forward(x_all, return_info=True)
     msgs = []
-    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    rtol = {2: 2e-2, 4: 1e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
     if y.shape != (hi - lo, cfg.hidden_dim) or y.dtype != dtype:
         msgs.append(f"y shape/dtype {y.shape} {y.dtype}")
-    elif not np.allclose(y, y_ref[lo:hi], rtol=rtol, atol=rtol):
+    elif not np.allclose(y.astype(np.float64), y_ref[lo:hi].astype(np.float64), rtol=rtol,
+                         atol=rtol):
         msgs.append(f"y differs from layer(x_all): max abs err "
-                    f"{np.max(np.abs(y - y_ref[lo:hi]))}")
+                    f"{np.max(np.abs(y.astype(np.float64) - y_ref[lo:hi]))}")
+    if exact and not np.array_equal(y, y_ref[lo:hi]):
+        msgs.append("batch_invariant layer: not bit-identical to layer(x_all)")
     logits_equal = np.array_equal(info["logits"], info_ref["logits"][lo:hi])
     if logits_equal:
         for key in ("weights", "experts"):
@@ -104,15 +109,56 @@ def run_case(name, cfg_name, T_all, split, dtype=np.float32, **cfg_kw):
     if not shared and not bit_equal:
         msgs.append("not bit-identical to one process given the same router logits "
                     f"(max abs diff {np.max(np.abs(y - y_same[lo:hi]), initial=0.0)})")
-    if not np.allclose(y, y_same[lo:hi], rtol=rtol, atol=rtol):
+    if not np.allclose(y.astype(np.float64), y_same[lo:hi].astype(np.float64), rtol=rtol,
+                       atol=rtol):
         msgs.append("differs from one process on the same logits beyond rounding")
     for loss in ("aux_loss", "z_loss"):
         if not np.isclose(info[loss], info_ref[loss], rtol=10 * rtol, atol=rtol):
             msgs.append(f"{loss} {info[loss]} != one process {info_ref[loss]}")
+    if np.dtype(dtype).itemsize >= 4 and "weight_dtype" not in (layer_kw or {}):
+        msgs += _check_backward(layer, ep, x_all, lo, hi, info, info_ref,
+                                dict(logits=logits_all, routing=routing, plan=plan), rtol)
     dropped = int(info_ref["plan"].dropped.sum())
     note = (f"T={hi - lo} experts={ep.experts.start}:{ep.experts.stop} "
             f"logits_equal={logits_equal} bit_equal={bit_equal} dropped_all={dropped}")
     return msgs, note
+
+
+def _close(a, b, rtol):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(np.max(np.abs(b),
+                                                                          initial=0.0))))
+
+
+def _check_backward(layer, ep, x_all, lo, hi, info, info_ref, info_same, rtol):
+    """ep.backward against layer.backward on the whole batch (and on the ranks' logits)."""
+    msgs = []
+    coefs = dict(aux_loss_coef=0.03, z_loss_coef=0.002)
+    dy_all = np.random.default_rng(5).standard_normal(x_all.shape).astype(x_all.dtype)
+    g = ep.backward(x_all[lo:hi], info, dy_all[lo:hi], **coefs)
+    g_ref = layer.backward(x_all, info_ref, dy_all, **coefs)
+    g_same = layer.backward(x_all, info_same, dy_all, **coefs)
+    e0, e1 = ep.experts.start, ep.experts.stop
+    if sorted(g) != sorted(g_ref):
+        return [f"backward keys {sorted(g)} != {sorted(g_ref)}"]
+    tol = 100 * rtol
+    for name, ref in g_ref.items():
+        mine, same = g[name], g_same[name]
+        if name == "x":
+            ref, same = ref[lo:hi], same[lo:hi]
+        elif name in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
+            ref, same = ref[e0:e1], same[e0:e1]
+            if not np.array_equal(mine, same):      # same rows, same blocks: same bits
+                msgs.append(f"d_{name} not bit-identical to one process on the same logits")
+        if mine.shape != ref.shape or mine.dtype != ref.dtype:
+            msgs.append(f"d_{name}: {mine.shape} {mine.dtype} vs {ref.shape} {ref.dtype}")
+        elif not _close(mine, ref, tol) or not _close(mine, same, tol):
+            msgs.append(f"d_{name} differs from layer.backward: max abs "
+                        f"{np.max(np.abs(mine.astype(float) - ref), initial=0.0)}")
+    everyone = COMM.allgather(g["router"])
+    if not all(np.array_equal(everyone[0], r) for r in everyone):
+        msgs.append("d_router differs between ranks")
+    return msgs
 
 
 def error_cases():
@@ -164,6 +210,12 @@ CASES = {
     "fewer-experts-than-ranks": lambda: run_case("", "switch", 9, "even"),
     "idle-experts": lambda: run_case("", "olmoe", 3, "even"),
     "large-blocks": lambda: run_case("", "mixtral", 300, "uneven"),
+    "batch-invariant-shared": lambda: run_case("", "qwen2", 20, "uneven", capacity_factor=0.8,
+                                               layer_kw=dict(batch_invariant=True)),
+    "bfloat16": lambda: run_case("", "mixtral", 20, "uneven", dtype=ml_dtypes.bfloat16,
+                                 capacity_factor=0.8, drop_policy="score"),
+    "int8-weights": lambda: run_case("", "olmoe", 20, "empty",
+                                     layer_kw=dict(weight_dtype="int8")),
     "errors": error_cases,
 }
 

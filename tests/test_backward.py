@@ -470,7 +470,6 @@ def test_parameters_are_live():
     for name in ("w_up", "shared_gate_proj", "w_down", "router"):
         before = layer(x)
         params[name] *= np.float32(0.5)              # an in-place optimizer step
-        assert getattr(layer, name) is not params[name] or True
         assert not np.array_equal(layer(x), before), name
     assert not np.array_equal(layer(x), y0)
 

@@ -44,6 +44,7 @@ def _check(out, a, w):
 
 
 def test_detection_and_path(monkeypatch):
+    monkeypatch.delenv("NUMOE_FORCE_FALLBACK", raising=False)
     assert isinstance(HAS, bool) and isinstance(HAS_AMX, bool)
     assert HAS or not HAS_AMX
     best = G.AMX if HAS_AMX else G.AVX512 if HAS else G.FALLBACK
@@ -92,7 +93,7 @@ def test_packed_bf16_input_and_out_argument(path):
 @pytest.mark.skipif(not HAS, reason="needs AVX512-BF16 to build the panel layout")
 def test_fallback_reads_panel_layout():
     a, w = _data(5, 99, 150, seed=4)
-    p = G.pack_bf16(w)
+    p = G.pack_bf16(w, force="auto")
     assert p.layout == "panels"
     assert p.data.nbytes == 2 * 64 * 3 * G.NR * 2    # bf16 bytes plus padding, no float32 copy
     np.testing.assert_array_equal(G.bf16_matmul(a, p, force="fallback"),

@@ -372,15 +372,19 @@ def _quoted_commands():
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
         texts.append((nb.name, "\n".join("".join(c["source"]) for c in cells)))
+    # inline code is a command when it names a subcommand or passes an option (not, say,
+    # the column header `numoe ms`); every `numoe` line of a code block is a command
+    inline = re.compile(r"numoe (info|bench)\b|numoe .*\s-")
     found = []
     for name, text in texts:
-        spans = re.findall(r"`([^`\n]+)`", text)                       # inline code
-        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
-            spans += block.splitlines()
-        for span in spans:
+        spans = [(s, False) for s in re.findall(r"`([^`\n]+)`", text)]
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):   # shell lines only,
+            spans += [(line, True) for line in block.splitlines()       # not printed output
+                      if line.lstrip().startswith("numoe ") or "&& numoe " in line]
+        for span, in_block in spans:
             for part in re.split(r"&&|;|\|", span):
                 part = part.split(" #")[0].strip()
-                if re.match(r"numoe( |$)", part):
+                if re.match(r"numoe( |$)", part) and (in_block or inline.match(part)):
                     found.append((name, part))
     return found
 

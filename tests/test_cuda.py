@@ -581,3 +581,45 @@ def test_fused_layer_16bit(xdt, wdt):
     got = f64(y)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < (1e-2 if np.dtype(xdt) == BF16 else 2e-3), err
+
+
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="CuPy/PyTorch arrays need a real GPU")
+def test_cupy_and_torch_16bit_inputs():
+    """bfloat16/float16 tensors: PyTorch refuses ``__cuda_array_interface__`` for
+    bfloat16, CuPy describes it as raw 2-byte items; both are taken as 16-bit views."""
+    rng = np.random.default_rng(14)
+    z = rng.standard_normal((64, 8)).astype(BF16)
+    x = rng.standard_normal((64, 16)).astype(BF16)
+    want = numoe.route(z.astype(np.float32), 2)
+    libs = []
+    try:
+        import torch
+        if torch.cuda.is_available():
+            def tt(a):
+                t = torch.from_numpy(a.view(np.int16)).to("cuda")
+                return t.view(torch.bfloat16) if a.dtype == BF16 else t.view(torch.float16)
+            libs.append(("torch", tt))
+    except ImportError:
+        pass
+    try:
+        import cupy
+        libs.append(("cupy", lambda a: cupy.asarray(a.view(np.uint16)).view(a.dtype)))
+    except (ImportError, TypeError):
+        pass
+    if not libs:
+        pytest.skip("neither CuPy nor PyTorch with CUDA is installed")
+    for name, conv in libs:
+        try:
+            zz, xx = conv(z), conv(x)
+        except (TypeError, ValueError) as exc:     # a CuPy without bfloat16
+            pytest.skip(f"{name} cannot hold bfloat16 here: {exc}")
+        r = numoe.route(zz, 2)
+        np.testing.assert_array_equal(host(r.experts), want.experts, err_msg=name)
+        assert host(r.weights).dtype == BF16
+        p = numoe.dispatch_plan(r.experts, 8)
+        y = numoe.unpermute(numoe.permute(xx, p), p, r.weights)
+        close16(y, f64(x) * f64(r.weights).sum(1, keepdims=True), BF16)
+        h = x.astype(np.float16)
+        yh = numoe.permute(conv(h), p)
+        assert host(yh).dtype == np.float16, name

@@ -6,6 +6,7 @@ they are skipped, with the reason, when either is missing. Each launch runs
 every case of the worker (tiny shapes, one Numba thread per rank) and takes
 seconds once the Numba cache is warm.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -105,6 +106,16 @@ def test_one_rank_equals_the_layer_bit_for_bit():
     assert ep.traffic["sent"] == 0 and ep.traffic["local"] > 0
     y0 = ep(np.zeros((0, 16), np.float32))          # no tokens
     assert y0.shape == (0, 16)
+    # backward: one rank holds every expert, so it is the layer's backward, bit for bit
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    coefs = dict(aux_loss_coef=0.02, z_loss_coef=0.001)
+    g = ep.backward(x, info, dy, **coefs)
+    g_ref = layer.backward(x, info_ref, dy, **coefs)
+    assert sorted(g) == sorted(g_ref)
+    for name, ref in g_ref.items():
+        assert g[name].dtype == ref.dtype and np.array_equal(g[name], ref), name
+    with pytest.raises(TypeError, match="info must be the dict from ep.forward"):
+        ep.backward(x, info_ref, dy)
 
 
 @needs_mpi
@@ -123,6 +134,15 @@ def test_errors_in_process():
 
 
 # ------------------------------------------------------- mpiexec -n P runs
+def _env():
+    """One thread per rank (Numba and BLAS); numoe importable from this checkout."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
 def _worker_cases():
     src = WORKER.read_text()
     block = src[src.index("CASES = {"):src.index("\n}\n")]
@@ -132,12 +152,8 @@ def _worker_cases():
 @needs_mpi
 @pytest.mark.parametrize("P", [2, 3])
 def test_mpiexec_runs_equal_one_process(P):
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent),
-                                                      env.get("PYTHONPATH")]))
     cmd = [_mpiexec(), "-n", str(P), sys.executable, str(WORKER)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(),
                        cwd=HERE.parent)
     out = r.stdout + r.stderr
     cases = _worker_cases()
@@ -145,3 +161,19 @@ def test_mpiexec_runs_equal_one_process(P):
     ok = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("OK ")]
     assert r.returncode == 0, out
     assert sorted(ok) == sorted(cases), out
+
+
+@needs_mpi
+def test_bench_ep_smoke(tmp_path):
+    out = tmp_path / "ep.json"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "numoe", "bench", "ep",
+           "--shapes", "40,4,2,16,24", "--repeat", "2", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(),
+                       cwd=HERE.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cost model" in r.stdout and "2 ranks: rank 1" in r.stdout, r.stdout
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2 and [d["T"] for d in res["per_rank"]] == [20, 20]
+    for d in res["per_rank"]:
+        assert d["sent"] == d["received"]                     # both trips, balanced rows
+        assert all(d[p] >= 0 for p in ("route", "exchange", "experts", "combine"))

@@ -99,6 +99,9 @@ WEIGHT_NAMES = ("router", "w_gate", "w_up", "w_down", "shared_gate_proj", "share
 def assert_same_weights(a, b):
     for name in WEIGHT_NAMES:
         wa, wb = getattr(a, name), getattr(b, name)
+        assert (wa is None) == (wb is None), name
+        if wa is None:
+            continue
         assert wa.dtype == wb.dtype, name
         assert np.array_equal(wa, wb), name
 
@@ -483,7 +486,8 @@ def test_from_state_dict(hf_models, family):
     b = MoELayer.from_state_dict(model.state_dict(), model.config,
                                  prefix=MEM_PREFIX.get(family, "model.layers.1.mlp."))
     # (3) the block's own parameters (requires_grad tensors), a numoe config
-    c = MoELayer.from_state_dict(dict(block.named_parameters()), a.config, family=family)
+    c = MoELayer.from_state_dict({**dict(block.named_parameters()), **dict(block.named_buffers())},
+                                 a.config, family=family)
     for layer in (a, b, c):
         assert rel_err(layer(x), ref) < TOL
     assert_same_weights(a, b)
@@ -492,14 +496,19 @@ def test_from_state_dict(hf_models, family):
 @parity
 @pytest.mark.parametrize("family", ALL)
 def test_float64(family):
-    block = build_model(family)                 # a fresh copy to convert
-    block = moe_block(block, family).double()
+    model = build_model(family)                 # a fresh copy to convert
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")   # grouped_mm has no float64
+    block = moe_block(model, family).double()
     layer = MoELayer.from_hf(block)
     assert layer.dtype == np.float64
     x = hf_x(3, dtype=np.float64)
     ref = run_block(block, x)
-    # HF computes some router scores in float32 whatever the model dtype
-    assert rel_err(layer(x), ref) < 1e-6
+    y = layer(x)
+    # HF computes the router scores in float32 whatever the model dtype
+    assert rel_err(y, ref) < 1e-6
+    oracle = numoe.reference.moe_forward(x, top_k=layer.config.top_k, **layer.weights())
+    assert rel_err(y, oracle) < 1e-12
 
 
 @parity
@@ -586,5 +595,5 @@ def test_bfloat16_layer(family, tmp_path):
     # the same (rounded) weights and inputs
     x = hf_x(5).astype(BF16)
     ref = run_block(moe_block(model, family).float(), x.astype(np.float32))
-    assert rel_err(a(x), ref) < 2e-2
+    assert rel_err(a(x), ref) < 1e-2          # measured 1.7e-3: bfloat16 output rounding
 

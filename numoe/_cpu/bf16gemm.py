@@ -148,7 +148,8 @@ def isa_path(force=None):
     str
     """
     if force is None:
-        force = "fallback" if os.environ.get("NUMOE_FORCE_FALLBACK", "") not in ("", "0") else "auto"
+        env = os.environ.get("NUMOE_FORCE_FALLBACK", "")
+        force = "fallback" if env not in ("", "0") else "auto"
     if force == "fallback":
         force = FALLBACK
     if force != "auto" and force not in _RANK:
@@ -398,7 +399,7 @@ def _tile_rows(ab, at):
 
 @kernel
 def _pack(w, out):
-    """``out[jp, p, c, t] = w[2p + t, jp*NR + c]`` (zero outside ``w``); ``out [Np, Kp2, NR, 2]``."""
+    """``out[jp, p, c, t] = w[2p + t, jp*NR + c]``, zero outside ``w``; ``out [Np, Kp2, NR, 2]``."""
     K, N = w.shape
     Np, Kp2, nr, _ = out.shape
     for jp in range(Np):
@@ -414,10 +415,10 @@ def _pack(w, out):
 
 
 @kernel
-def _gemm_avx512(a2, Kp2, b, Np, out, ctail, nr, mr_max, kc):
+def _gemm_avx512(a2, lda, Kp2, b, Np, out, ctail, nr, mr_max, kc):
     """``out[M, N] = a2 @ b`` with vdpbf16ps on the packed layouts (uint32 pair views, flat).
 
-    ``a2 [M * Kp2]`` activation pairs, ``b [Np * Kp2 * nr]`` weight panels,
+    ``a2 [M * lda]`` activation pairs (``lda >= Kp2``), ``b [Np * Kp2 * nr]`` weight panels,
     ``ctail [M, nr]`` scratch for a last, partial panel.
     """
     M, N = out.shape
@@ -430,10 +431,10 @@ def _gemm_avx512(a2, Kp2, b, Np, out, ctail, nr, mr_max, kc):
             for i0 in range(0, M, mr_max):
                 mr = min(mr_max, M - i0)
                 if jp < full:
-                    _mk_rows(mr, a2, i0 * Kp2 + k0, Kp2, b, b_off, out, i0 * N + jp * nr, N,
+                    _mk_rows(mr, a2, i0 * lda + k0, lda, b, b_off, out, i0 * N + jp * nr, N,
                              k1 - k0, load)
                 else:
-                    _mk_rows(mr, a2, i0 * Kp2 + k0, Kp2, b, b_off, ctail, i0 * nr, nr,
+                    _mk_rows(mr, a2, i0 * lda + k0, lda, b, b_off, ctail, i0 * nr, nr,
                              k1 - k0, load)
     if full < Np:
         n0 = full * nr
@@ -479,7 +480,7 @@ def _gemm_amx(cfg, at, b, Kp2, out, ctile):
 
 @kernel
 def _widen_panels(b, c0, c1, out):
-    """``out[k, j] = w[k, c0 + j]`` (float32) from the packed ``b [Np, Kp2, NR, 2]``, k < out.shape[0]."""
+    """``out[k, j] = w[k, c0 + j]`` (float32, ``k < out.shape[0]``) from the panels ``b``."""
     K = out.shape[0]
     nr = b.shape[2]
     for k in range(K):
@@ -585,7 +586,8 @@ def bf16_matmul(a, w, out=None, *, force=None):
         or bfloat16 (or its uint16 bits, used as they are)
     w : PackedBF16, or ndarray [K, N] bfloat16 (or uint16 bits)
         The weight; pack it once with :func:`pack_bf16` when it is reused
-        (a raw array is packed on every call on the AMX/AVX512 paths).
+        (a raw array is packed on every call on the AMX/AVX512 paths). A
+        weight packed for the fallback (``layout == "kn"``) runs the fallback.
     out : ndarray [M, N] float32, C-contiguous, optional
         Written in full (not accumulated into).
     force : str, optional
@@ -622,14 +624,16 @@ def bf16_matmul(a, w, out=None, *, force=None):
         return out
     if path != FALLBACK and w.layout == "panels":
         Kp2 = w.data.shape[1]
-        ab = _round_activations(a, 2 * Kp2)
         if path == AMX:
+            ab = _round_activations(a, 2 * Kp2)
             at = np.empty((-(-M // 32) * 2, Kp2 // KSTEP, 16, 32), np.uint16)
             _tile_rows(ab, at)
             _gemm_amx(_tile_config(), at, w.data, Kp2, out, np.empty((32, 32), np.float32))
         else:
+            # rows 64 bytes longer than K: a stride off multiples of 4 KiB (no L1 set aliasing)
+            ab = _round_activations(a, 2 * Kp2 + 32)
             ctail = np.empty((M, NR) if N % NR else (0, NR), np.float32)
-            _gemm_avx512(ab.view(np.uint32).reshape(-1), Kp2,
+            _gemm_avx512(ab.view(np.uint32).reshape(-1), Kp2 + 16, Kp2,
                          w.data.view(np.uint32).reshape(-1), w.data.shape[0], out, ctail,
                          NR, MR, KC)
         return out

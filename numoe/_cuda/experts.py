@@ -28,8 +28,16 @@ goes to the skinny or the tiled kernel by its row count.
 Every output element is computed by one thread with a fixed summation
 order: results are deterministic (bit-identical run to run).
 
-When CuPy is installed, experts with more than ``SKINNY_MAX_ROWS`` rows go
-to cuBLAS through CuPy by default (measured faster on an H200: 15.1 vs
+16-bit storage: activations and weights arrive as bits (``uint16`` views) and
+are widened in registers by :mod:`numoe._cuda._narrow` (each kernel is
+compiled per storage kind), accumulation is float32, results are narrowed
+once on store; bfloat16/float16 weights may serve float32 activations.
+When activations and weights share one 16-bit dtype, experts with more than
+``SKINNY_MAX_ROWS`` rows run on the tensor cores (:mod:`numoe._cuda.mma`,
+``mma.sync`` from linked CUDA C++), with these numba kernels as the fallback.
+
+When CuPy is installed, float32/float64 experts with more than
+``SKINNY_MAX_ROWS`` rows go to cuBLAS through CuPy by default (measured faster on an H200: 15.1 vs
 20.1 ms for the OLMoE-shaped T=4096 expert stage); ``NUMOE_CUDA_GEMM=numba``
 or ``gemm="numba"`` keeps everything in the numba kernels. :data:`last_path`
 records which path ran.
@@ -322,6 +330,11 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         last_path.clear()
         last_path.update(path)
         return out
+    if (narrow and not force and gemm != "numba" and work.has("tiled")
+            and _mma_module().usable(a, wg, wu, wd)
+            and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
+                         sval, work, N, F)):
+        return out
     # layer 1: gate (+up) with the activation
     if glu:
         grouped_glu(a, g_idx, kdiv if gidx is not None else 0, wg, wu,
@@ -339,6 +352,51 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     last_path.update({"up": work.describe(), "down": work.describe(), "gemm": "numba",
                       "work": work})
     return out
+
+
+def _mma_module():
+    from . import mma
+
+    return mma
+
+
+def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx, sval,
+             work, N, F):
+    """The tensor-core path (:mod:`numoe._cuda.mma`) for experts with many rows, the
+    skinny numba kernels for the others; 16-bit ``h`` between the two layers.
+    Returns False when the tensor-core kernels cannot be built (nothing is final then:
+    the caller recomputes everything with the numba kernels)."""
+    mma = _mma_module()
+    glu = wu is not None
+    h = A.empty((N, F), a.dtype)
+    didx = A.dummy(np.int64)
+    g_idx = gidx if gidx is not None else didx
+    kd = kdiv if gidx is not None else 0
+    _ts, tb, cnt, _cs, cap_b = work.tables(_skinny_cfg()[0], mma.BM)
+    if glu:
+        ok = mma.glu(a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, h, tb, cnt, cap_b)
+    else:
+        ok = mma.plain(a, g_idx, kd, wg, bg, code, None, None, h, tb, cnt, cap_b)
+    if not ok or not mma.plain(h, didx, 0, wd, bd, ACT_NONE, sidx, sval, out, tb, cnt, cap_b):
+        return False
+    ct = A.compute_dtype(a.dtype)
+    dummy = A.dummy(ct)
+    if work.has("skinny"):
+        if glu:
+            grouped_glu(a, g_idx, kd, wg, wu, bg if bg is not None else dummy, bg is not None,
+                        bu if bu is not None else dummy, bu is not None, code, limit, alpha, h,
+                        work, only="skinny")
+        else:
+            grouped_plain(a, g_idx, kd, wg, bg if bg is not None else dummy, bg is not None,
+                          code, alpha, didx, dummy, False, h, work, only="skinny")
+        grouped_plain(h, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
+                      ACT_NONE, alpha, sidx if sidx is not None else didx,
+                      sval if sval is not None else dummy, sidx is not None, out, work,
+                      only="skinny")
+    last_path.clear()
+    last_path.update({"up": "mma+" + work.describe(), "down": "mma+" + work.describe(),
+                      "gemm": "mma", "work": work})
+    return True
 
 
 def grouped_glu(a, gidx, kdiv, wg, wu, bg, use_bg, bu, use_bu, code, limit, alpha, h, work,
