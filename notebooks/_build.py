@@ -509,7 +509,7 @@ print(bench.format_table(layers, "layers"))
 """),
     ("code", """\
 def speedup_bars(ax, rows, series, label):
-    """Bars of other / numoe time per row (> 1: numoe is faster), values on the bars."""
+    # bars of other / numoe time per row (> 1: numoe is faster), values on the bars
     width = 0.8 / len(series)
     for j, (key, name) in enumerate(series):
         vals = np.array([r.get(key) or np.nan for r in rows], dtype=float)
@@ -574,7 +574,8 @@ How close is the layer to this machine's limits? Two ceilings, both
 measured here: the float32 GEMM rate of NumPy's BLAS (`bench.blas_gflops`,
 a 2048³ `np.matmul`) and the read bandwidth of a parallel read-only pass
 over 256 MiB (`bench.read_bandwidth`, a Numba `prange` sum: the layer
-mostly reads weights, and a copy, which also writes, would understate it). A kernel doing `F` FLOPs while moving `B` bytes
+mostly reads weights, and a copy, which also writes, would understate it).
+A kernel doing `F` FLOPs while moving `B` bytes
 has arithmetic intensity `F / B`; it can run no faster than
 `min(peak, intensity * bandwidth)`.
 

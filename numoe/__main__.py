@@ -3,7 +3,7 @@
 Examples::
 
     numoe info
-    numoe bench                          # layers: numoe vs the NumPy reference (and HF if installed)
+    numoe bench                          # layers: numoe vs the reference (and HF if installed)
     numoe bench --full                   # also the larger model-shaped rows (several GB each)
     numoe bench --shapes olmoe-T4,seed-32x512x1024 --repeat 5 --json out.json
     numoe bench --shape 256,64,8,2048,1024 --preset olmoe   # a custom row: T,E,k,H,F

@@ -1,23 +1,34 @@
 """Benchmark suites behind ``numoe bench`` (also usable as a library).
 
 One registry, :data:`ROWS`, names every benchmarked layer shape (model
-preset, sizes, token count); the suites below only read it.
+preset, sizes, token count); the suites below only read it. The default
+suite is light (no PyTorch needed, under 3 GiB); ``full=True`` adds the
+larger rows, :func:`custom_row` any ``T,E,k,H,F`` of any preset.
 
-* :func:`run_layer_suite` -- whole MoE layers: numoe vs the NumPy
-  reference vs the equivalent Hugging Face transformers block (PyTorch,
-  eager and ``grouped_mm`` experts), with the error against the float64
-  oracle, throughput and the share of this machine's BLAS GEMM rate.
+* :func:`run_layer_suite` -- whole MoE layers: numoe vs the NumPy reference
+  vs the equivalent Hugging Face transformers block (PyTorch, eager and
+  ``grouped_mm`` experts, when the ``parity`` extra is installed), in any
+  activation dtype and weight storage (bfloat16, float16, int8, ...), with
+  the error against the float64 oracle and a PASS/FAIL verdict, throughput
+  and the share of this machine's BLAS GEMM rate.
 * :func:`run_routing_suite` -- route / dispatch_plan / permute / unpermute
   at a large token count against the reference, PyTorch and a plain copy.
-* :func:`run_latency_suite` -- decode-sized batches: per-call latency
-  percentiles against the time to read the touched expert weights once.
+* :func:`run_latency_suite` -- decode-sized batches on fresh tokens:
+  per-call latency percentiles against the time to read the touched
+  expert weights once at the read bandwidth of a parallel read-only pass.
 * :func:`run_startup` -- ``import numoe`` and the first forward in fresh
   processes, with an empty and with a warm Numba cache.
 
 Every suite returns a list of plain ``dict`` rows (JSON-ready; ``None``
 where something was not measured) and reports progress through an
-optional callable. Times are medians of warm calls (the first call, which
-compiles, is excluded) taken until a per-measurement time budget is spent.
+optional callable. Each time is the median of warm samples (the first
+call, which compiles, is excluded; calls shorter than
+:data:`MIN_SAMPLE_S` are batched several per sample) and comes with its
+spread (``<name>_spread``: min, quartiles, max, samples, calls per
+sample). Roofs (BLAS GEMM rate, bandwidth) are measured before and after
+the rows and the better kept. :func:`format_table` prints a legend under
+every table and warns when the spread says the figures are noisy;
+:func:`noise_warnings` also reads the machine load.
 """
 from __future__ import annotations
 
@@ -1095,8 +1106,9 @@ def legend(rows, suite):
             "rel err: ||y - y_ref|| / ||y_ref||, y_ref = the float64 NumPy reference on the "
             "same rounded inputs and weights.",
             f"check: PASS when rel err <= the tolerance of the activation dtype ({tols}).",
-            "%BLAS: numoe's GFLOP/s over NumPy's BLAS GEMM rate (2048^3 np.matmul, the better "
-            f"of two runs, before and after the table{blas}).",
+            "%BLAS: numoe's GFLOP/s over NumPy's BLAS GEMM rate (2048^3 np.matmul, float32 "
+            "for 16-bit dtypes; the better of two runs, before and after the table"
+            f"{blas}).",
             "speedup vs ref / vs HF: the other's time / numoe's time: above 1, numoe is "
             "faster (HF: the faster of HF eager and grouped_mm).",
             "HF err: rel err of the Hugging Face block against the same reference.",
@@ -1282,8 +1294,13 @@ def _rss_bytes():
 def peak_rss_during(fn):
     """``(result, bytes)``: ``fn()`` and how far the resident set rose above its
     level at the call (polled by a thread; Linux ``/proc``, else ``None``)."""
+    import ctypes
     import threading
 
+    try:        # hand freed heap back to the OS first, so that reuse cannot hide a peak
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         base = _rss_bytes()
     except OSError:
@@ -1379,7 +1396,8 @@ def _train_row(row, dt, repeat, budget, hf_reason, torch):
     def step():
         y, info = layer.forward(x, return_info=True)
         return layer.backward(x, info, d_y)
-    g, mem = peak_rss_during(step)      # (also the warm-up: compiles)
+    step()                              # warm-up (compiles)
+    g, mem = peak_rss_during(step)
     t = time_calls(step, repeat=repeat, budget=budget, warmup=False)
     t_fwd = time_calls(lambda: layer(x), repeat=repeat, budget=budget)
     res = dict(name=row.name, preset=row.preset, T=row.T, E=row.E, k=row.k, H=row.H,
@@ -1400,6 +1418,7 @@ def _train_row(row, dt, repeat, budget, hf_reason, torch):
     for impl in impls:
         block.experts.config._experts_implementation = impl
         try:
+            hf_step()
             dx, m = peak_rss_during(hf_step)
             tm = time_calls(hf_step, repeat=repeat, budget=budget, min_runs=2, warmup=False)
         except (RuntimeError, ValueError) as exc:

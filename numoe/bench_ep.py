@@ -28,6 +28,7 @@ import numpy as np
 
 import numoe
 from numoe import bench
+from numoe._dtypes import as_float_dtype, compute_dtype
 from numoe._jit import threads as numba_threads
 
 DEFAULT_SHAPE = "512,8,2,1024,2048"         # T, E, k, H, F (Mixtral-style)
@@ -46,6 +47,13 @@ def _row(shape):
     if len(rows) != 1:
         raise ValueError(f"shapes: the ep suite runs one layer shape, got {len(rows)}")
     return rows[0]
+
+
+def _row_bytes(dtype):
+    """Bytes per value of a row's round trip: out in the activation dtype, back in
+    the compute dtype (float32 for 16-bit activations)."""
+    dt = as_float_dtype("dtype", dtype)
+    return dt.itemsize + np.dtype(compute_dtype(dt)).itemsize
 
 
 def _idle_wait(comm):
@@ -83,7 +91,8 @@ def _ep_phases(ep, x, repeat, comm):
     return out
 
 
-def run_ep_bench(shape=None, *, dtype="float32", repeat=None, comm=None, progress=None):
+def run_ep_bench(shape=None, *, dtype="float32", weight_dtype=None, repeat=None, comm=None,
+                 progress=None):
     """Measure expert parallelism on ``comm`` (default ``COMM_WORLD``); collective.
 
     Returns (on every rank) a dict: ``row``, ``ranks``, ``one_process``
@@ -99,10 +108,10 @@ def run_ep_bench(shape=None, *, dtype="float32", repeat=None, comm=None, progres
     rank, P = comm.Get_rank(), comm.Get_size()
     say = (lambda m: None) if progress is None or rank else progress
     row = _row(shape)
-    dt = np.dtype(dtype)
+    dt = as_float_dtype("dtype", dtype)
     repeat = repeat or 5
     cfg = bench.build_config(row)
-    layer = numoe.MoELayer.random(cfg, seed=0, dtype=dt)
+    layer = numoe.MoELayer.random(cfg, seed=0, dtype=dt, weight_dtype=weight_dtype)
     x_all = np.random.default_rng(1).standard_normal((row.T, row.H)).astype(dt)
     cuts = np.linspace(0, row.T, P + 1).round().astype(int)
     x = x_all[cuts[rank]:cuts[rank + 1]]
@@ -124,7 +133,7 @@ def run_ep_bench(shape=None, *, dtype="float32", repeat=None, comm=None, progres
         mine = _ep_phases(ep, x, repeat, comm)
     per_rank = comm.allgather(mine)
     one = comm.bcast(one, root=0)
-    return dict(row=row._asdict(), dtype=dt.name, ranks=P, repeat=repeat, one_process=one,
+    return dict(row=row._asdict(), dtype=dt.name, weights=str(weight_dtype or dt.name), ranks=P, repeat=repeat, one_process=one,
                 per_rank=per_rank)
 
 
@@ -140,14 +149,14 @@ def cost_model(res, ranks=RANKS, bandwidths=BANDWIDTHS_GBIT):
     Returns rows ``(P, [(gbit, exchange_s, ratio), ...], compute_s)``.
     """
     row = res["row"]
-    s = np.dtype(res["dtype"]).itemsize
+    s = _row_bytes(res["dtype"])
     self_ = res["one_process"]["ep_self"]
     per_tok = (self_["route"] + self_["experts"] + self_["combine"]) / max(self_["T"], 1)
     T_r = row["T"] / res["ranks"]
     compute = per_tok * T_r
     out = []
     for p in ranks:
-        nbytes = 2 * T_r * row["k"] * row["H"] * s * (p - 1) / p
+        nbytes = T_r * row["k"] * row["H"] * s * (p - 1) / p
         cells = [(g, nbytes / (g * 1e9 / 8), nbytes / (g * 1e9 / 8) / compute)
                  for g in bandwidths]
         out.append((p, cells, compute, nbytes))
@@ -157,11 +166,12 @@ def cost_model(res, ranks=RANKS, bandwidths=BANDWIDTHS_GBIT):
 def format_report(res):
     """The text ``numoe bench ep`` prints."""
     row, one, P = res["row"], res["one_process"], res["ranks"]
-    s = np.dtype(res["dtype"]).itemsize
+    s = _row_bytes(res["dtype"])
     ms = lambda v: f"{1e3 * v:9.2f}"                      # noqa: E731
     mib = lambda v: f"{v / 2**20:9.2f}"                   # noqa: E731
     lines = [f"layer: {row['preset']} T={row['T']} E={row['E']} k={row['k']} H={row['H']} "
-             f"F={row['F']} {res['dtype']}; {res['repeat']} timed calls, medians",
+             f"F={row['F']} {res['dtype']} (weights {res['weights']}); {res['repeat']} timed "
+             "calls, medians",
              f"one process, layer(x) on all {row['T']} tokens: "
              f"{1e3 * one['layer_1thread_s']:.2f} ms at 1 thread, "
              f"{1e3 * one['layer_nthreads_s']:.2f} ms at {one['nthreads']} threads",
@@ -186,8 +196,9 @@ def format_report(res):
               f"({one['layer_nthreads_s'] / wall:.2f}x)",
               "(sent/recv: rows to/from other ranks, both trips; meta bytes not shown)",
               "",
-              f"cost model: 2*k*H*s = {2 * row['k'] * row['H'] * s} bytes per token per "
-              f"forward ({row['k']} rows out, {row['k']} back), (P-1)/P of it off-rank; "
+              f"cost model: k*H*(s_out + s_back) = {row['k'] * row['H'] * s} bytes per token "
+              f"per forward ({row['k']} rows out, {row['k']} back; rows return in the compute "
+              "dtype), (P-1)/P of it off-rank; "
               f"{row['T'] // P} tokens per rank; compute per rank = this machine's 1-thread "
               "time per token x tokens per rank",
               "   P  off-rank MiB  compute ms  " + "  ".join(
@@ -217,6 +228,7 @@ def main(args, argv):
         if getattr(args, "shape", None):               # a custom row: T,E,k,H,F
             shape = bench.custom_row(args.shape, getattr(args, "preset", None) or "mixtral")
         res = run_ep_bench(shape, dtype=getattr(args, "dtype", "float32"),
+                           weight_dtype=getattr(args, "weights", None),
                            repeat=getattr(args, "repeat", None), comm=comm, progress=progress)
     except ValueError as exc:
         if rank == 0:
@@ -225,7 +237,8 @@ def main(args, argv):
     if rank == 0:
         info = bench.machine_info()
         print(bench.header_line(info))
-        print(f"command: mpiexec -n {comm.Get_size()} numoe bench {' '.join(argv[1:])}".rstrip())
+        launch = f"mpiexec -n {comm.Get_size()} " if comm.Get_size() > 1 else ""
+        print(f"command: {launch}numoe bench {' '.join(argv[1:])}".rstrip())
         if comm.Get_size() == 1:
             print("(one rank: run under mpiexec -n P for the multi-rank rows)")
         print()

@@ -391,7 +391,7 @@ def permute_backward(d_xs, plan):
     [3.0, 12.0]
     """
     if backend_of(d_xs=d_xs, **_plan_arrays(plan)) == "cuda":
-        raise NotImplementedError("permute_backward has no CUDA backend yet")
+        return cuda_module("dispatch").permute_backward(d_xs, plan)
     from ._dtypes import widened
 
     order, _, dropped, T, k = _check_plan(plan)
@@ -437,7 +437,7 @@ def unpermute_backward(d_y, ys, plan, weights):
     ([[0.5, 1.0]], [[11.0]])
     """
     if backend_of(d_y=d_y, ys=ys, weights=weights, **_plan_arrays(plan)) == "cuda":
-        raise NotImplementedError("unpermute_backward has no CUDA backend yet")
+        return cuda_module("dispatch").unpermute_backward(d_y, ys, plan, weights)
     from ._dtypes import widened
 
     order, _, dropped, T, k = _check_plan(plan)

@@ -90,7 +90,7 @@ def split_experts(num_experts, num_ranks):
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def layer_fingerprint(layer):
+def _layer_fingerprint(layer):
     """A short digest of what every rank must agree on: the config, the dtype,
     the router (+ biases) and the shared experts (the expert weights each rank
     uses are its own, so they are not hashed)."""
@@ -180,7 +180,7 @@ class ExpertParallel:
         self._emax = int(np.max(np.diff(self.bounds)))
         self.timings = dict.fromkeys(_PHASES, 0.0)
         self.traffic = dict(sent=0, received=0, local=0, meta=0)
-        digests = comm.allgather(layer_fingerprint(layer))
+        digests = comm.allgather(_layer_fingerprint(layer))
         bad = [r for r, d in enumerate(digests) if d != digests[0]]
         if bad:
             raise ValueError(f"ranks {bad} hold a different layer than rank 0 (config, dtype, "

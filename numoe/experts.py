@@ -137,6 +137,9 @@ def expert_ffn(xs, offsets, w_gate, w_up, w_down, *, activation="silu", b_gate=N
     xs : (N, H) float16, bfloat16, float32 or float64 array
         Rows grouped by expert (e.g. :func:`numoe.permute`); any byte order.
         16-bit rows are computed in float32 (and the result rounded back).
+        bfloat16 rows with bfloat16 weights may run on the CPU's AMX-BF16
+        tiles at prefill sizes, which round the hidden layer to bfloat16
+        before the down product (as PyTorch's bf16 does).
     offsets : (E+1,) int array
         Expert ``e`` owns rows ``offsets[e]:offsets[e+1]``; nondecreasing
         from 0 to ``N`` (a :class:`numoe.DispatchPlan`'s ``offsets``).
@@ -208,7 +211,8 @@ def expert_ffn(xs, offsets, w_gate, w_up, w_down, *, activation="silu", b_gate=N
     ys = np.empty((xs.shape[0], wd.shape[2]), dtype=cd)
     if xs.shape[0]:
         cpu.run_jobs([cpu.Job(xc, None, 1, off, wg, wu, False, wd, bg, bu, bd, opts.code,
-                              opts.limit, opts.alpha, ys)])
+                              opts.limit, opts.alpha, ys,
+                              bf16_inputs=xs.dtype == D.BFLOAT16)])
     return ys if ys.dtype == xs.dtype else ys.astype(xs.dtype)
 
 
@@ -283,7 +287,9 @@ def expert_ffn_backward(xs, offsets, w_gate, w_up, w_down, d_ys, *, activation="
     """
     if backend_of(xs=xs, offsets=offsets, w_gate=w_gate, w_up=w_up, w_down=w_down,
                   d_ys=d_ys, b_gate=b_gate, b_up=b_up, b_down=b_down) == "cuda":
-        raise NotImplementedError("expert_ffn_backward has no CUDA backend yet")
+        return cuda_module("experts").expert_ffn_backward(
+            xs, offsets, w_gate, w_up, w_down, d_ys, activation=activation, b_gate=b_gate,
+            b_up=b_up, b_down=b_down, limit=limit, alpha=alpha)
     opts = _check_expert_options(activation, limit, alpha, w_up is not None)
     xs_in = np.asarray(xs)
     xdt = xs_in.dtype

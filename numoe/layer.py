@@ -494,32 +494,34 @@ class MoELayer:
 
     # ---------------------------------------------- loading (numoe/loading.py)
     @classmethod
-    def from_hf(cls, block, *, dtype=None, **options):
+    def from_hf(cls, block, **options):
         """The layer equal to a Hugging Face transformers MoE block (Mixtral,
-        Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, Switch); config
-        inferred, dtype kept. See :func:`numoe.loading.from_hf`."""
+        Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, Switch): config
+        inferred, weights copied, dtype kept. Keywords (``dtype``,
+        ``weight_dtype``, ``batch_invariant``, MoEConfig fields): see
+        :func:`numoe.loading.from_hf`."""
         from . import loading
 
-        return loading.from_hf(block, dtype=dtype, layer_cls=cls, **options)
+        return loading.from_hf(block, layer_cls=cls, **options)
 
     @classmethod
-    def from_state_dict(cls, state_dict, config, *, prefix="", family=None, dtype=None,
-                        **options):
+    def from_state_dict(cls, state_dict, config, *, prefix="", family=None, **options):
         """The layer from arrays (NumPy or torch) keyed as in the family's HF
         checkpoints. See :func:`numoe.loading.from_state_dict`."""
         from . import loading
 
         return loading.from_state_dict(state_dict, config, prefix=prefix, family=family,
-                                       dtype=dtype, layer_cls=cls, **options)
+                                       layer_cls=cls, **options)
 
     @classmethod
-    def from_safetensors(cls, path, layer_index, *, config=None, dtype=None, **options):
+    def from_safetensors(cls, path, layer_index, *, config=None, **options):
         """MoE layer ``layer_index`` of a (possibly sharded) safetensors checkpoint
-        directory, read with NumPy only. See :func:`numoe.loading.from_safetensors`."""
+        directory, read with NumPy only (no torch, no transformers). See
+        :func:`numoe.loading.from_safetensors`."""
         from . import loading
 
-        return loading.from_safetensors(path, layer_index, config=config, dtype=dtype,
-                                        layer_cls=cls, **options)
+        return loading.from_safetensors(path, layer_index, config=config, layer_cls=cls,
+                                        **options)
 
     def to_device(self):
         """A copy of this layer with every weight on the GPU (``numba.cuda.to_device``).
@@ -639,13 +641,15 @@ class MoELayer:
         if ys.shape[0]:
             jobs.append(cpu.Job(xc, plan.order, k, plan.offsets, self._w1, None, cfg.glu,
                                 self.w_down, self.b_gate, self.b_up, self.b_down, self._code,
-                                self._limit, self._alpha, ys, stream_all=inv))
+                                self._limit, self._alpha, ys, stream_all=inv,
+                                bf16_inputs=self.dtype == D.BFLOAT16))
         sh = None
         if self._s1 is not None and T:
             sh = np.empty((T, H), dtype=dt)
             jobs.append(cpu.Job(xc, None, 1, np.array([0, T], np.int64), self._s1[None], None,
                                 True, self.shared_down_proj[None], None, None, None, 0,
-                                math.inf, 1.0, sh, stream_all=inv))
+                                math.inf, 1.0, sh, stream_all=inv,
+                                bf16_inputs=self.dtype == D.BFLOAT16))
         cpu.run_jobs(jobs)
         y = unpermute(ys, plan, routing.weights)
         if sh is not None:

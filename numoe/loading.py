@@ -10,6 +10,12 @@ Three entry points, reached through the classmethods of :class:`numoe.MoELayer`:
   only that layer's tensors are read, with NumPy alone (neither torch nor
   transformers is imported).
 
+Quantized checkpoints as published are read too: block-wise FP8 weights
+with their ``weight_scale_inv`` (DeepSeek-V3, ``quant_method: fp8``) and
+MXFP4 experts (gpt-oss, ``*_blocks`` / ``*_scales``) are dequantized to
+bfloat16 (or ``dtype=``) on load (:func:`dequantize_fp8`,
+:func:`dequantize_mxfp4`).
+
 Seven families (the ``model_type`` of a transformers ``config.json``):
 ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``deepseek_v3``,
 ``gpt_oss`` and ``switch_transformers``. HF stores linear weights as
@@ -188,7 +194,7 @@ def config_from_hf(hf_config, family=None):
             E, 1, get("d_model"), get("d_ff"), capacity_factor=None,
             activation=_activation("config.dense_act_fn", get("dense_act_fn", "relu")),
             router_bias=bool(get("router_bias", False)))
-    k = get("num_experts_per_tok")
+    k = get(("num_experts_per_tok", "experts_per_token"))
     H = get("hidden_size")
     if fam == "gpt_oss":
         return MoEConfig.gpt_oss(E, k, H, get("intermediate_size"),
@@ -381,9 +387,9 @@ class _Quant:
     dtype: np.dtype = D.BFLOAT16
 
 
-def _quant(hf, dtype):
-    """The :class:`_Quant` of a config.json's ``quantization_config`` (checked)."""
-    qdt = D.BFLOAT16 if dtype is None else dtype
+def _quant(hf, qdt):
+    """The :class:`_Quant` of a config.json's ``quantization_config`` (checked); quantized
+    weights dequantize to ``qdt``."""
     qc = (hf or {}).get("quantization_config")
     if not qc:
         return _Quant(dtype=qdt)
@@ -438,12 +444,10 @@ class _Source:
 
 
 # ------------------------------------------------------------------ building
-def _float_dtype(name, dtype):
-    return None if dtype is None else D.as_float_dtype(name, dtype)
-
-
 def _cast(a, dt):
-    return a if dt is None or a.dtype == dt else a.astype(dt)
+    """A fresh C-contiguous copy of ``a`` (as ``dt`` if given): the layer never shares
+    memory with the caller's arrays or tensors."""
+    return np.array(a, dtype=a.dtype if dt is None else dt, order="C")
 
 
 def _experts(fam, cfg, src, dt):
@@ -486,11 +490,39 @@ def _experts(fam, cfg, src, dt):
     return dict(w_gate=w1, w_down=w_down)
 
 
-def _build(layer_cls, fam, cfg, src, dtype):
+@dataclasses.dataclass(frozen=True)
+class _Load:
+    """What the caller asked of the layer: its class, storage and activation dtypes."""
+
+    layer_cls: type
+    weight_dtype: np.dtype | None     # convert the weights to this float dtype on load
+    int8: bool                        # then quantize the expert weights (layer.astype)
+    dtype: np.dtype | None            # activation dtype (None: the layer's default)
+    batch_invariant: bool
+
+    @property
+    def quant(self):
+        """The dtype quantized checkpoints dequantize to."""
+        return self.weight_dtype or D.BFLOAT16
+
+
+def _load_options(layer_cls, dtype, weight_dtype, batch_invariant):
+    if layer_cls is None:
+        from .layer import MoELayer as layer_cls
+    int8 = isinstance(weight_dtype, str) and weight_dtype == "int8"
+    wdt = None if weight_dtype is None or int8 else \
+        D.as_float_dtype("weight_dtype", weight_dtype)
+    dt = None if dtype is None else D.as_float_dtype("dtype", dtype)
+    if not isinstance(batch_invariant, (bool, np.bool_)):
+        raise TypeError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+    return _Load(layer_cls, wdt, int8, dt, bool(batch_invariant))
+
+
+def _build(fam, cfg, src, opts):
     """The layer of family ``fam`` with config ``cfg`` from the block tensors in ``src``."""
     names = NAMES[fam]
     E, H = cfg.num_experts, cfg.hidden_dim
-    dt = _float_dtype("dtype", dtype)
+    dt = opts.weight_dtype
     kw = _experts(fam, cfg, src, dt)
     wdt = kw["w_gate"].dtype
     kw["router"] = _cast(src.get(names.router, (E, H)).T, dt)
@@ -508,7 +540,12 @@ def _build(layer_cls, fam, cfg, src, dtype):
                   shared_down_proj=_cast(src.get(p + "down_proj.weight", (H, S)).T, dt))
         if cfg.shared_gate:
             kw["shared_gate_weight"] = _cast(src.get(names.shared_gate, (1, H))[0], dt)
-    return layer_cls(cfg, **kw)
+    if opts.batch_invariant:
+        kw["batch_invariant"] = True
+    if opts.dtype is not None:
+        kw["dtype"] = opts.dtype
+    layer = opts.layer_cls(cfg, **kw)
+    return layer.astype(weight_dtype="int8") if opts.int8 else layer
 
 
 def _with_options(cfg, options):
@@ -518,13 +555,6 @@ def _with_options(cfg, options):
     if bad:
         raise TypeError(f"unknown MoEConfig field(s): {', '.join(sorted(bad))}")
     return dataclasses.replace(cfg, **options)
-
-
-def _layer_cls(layer_cls):
-    if layer_cls is None:
-        from .layer import MoELayer
-        return MoELayer
-    return layer_cls
 
 
 # ------------------------------------------------------------------ from_hf
@@ -620,7 +650,8 @@ def _block_config(fam, block, src):
                                  scale=scale, **kw)
 
 
-def from_hf(block, *, dtype=None, layer_cls=None, **options):
+def from_hf(block, *, dtype=None, weight_dtype=None, batch_invariant=False, layer_cls=None,
+            **options):
     """A :class:`numoe.MoELayer` equal to a Hugging Face transformers MoE block.
 
     Parameters
@@ -632,8 +663,15 @@ def from_hf(block, *, dtype=None, layer_cls=None, **options):
         whose ``.mlp`` is one). Experts fused (transformers 5) or one module
         per expert (transformers 4).
     dtype : float dtype, optional
-        Convert the weights (default: keep each tensor's dtype; bfloat16
-        stays ``ml_dtypes.bfloat16``).
+        The layer's activation dtype (of ``x`` and ``y``); default: that of
+        the weights.
+    weight_dtype : float dtype or "int8", optional
+        Store the weights in this dtype (default: as stored, bfloat16 stays
+        ``ml_dtypes.bfloat16``; quantized FP8/MXFP4 weights dequantize to
+        bfloat16); ``"int8"`` quantizes the experts
+        (:meth:`numoe.MoELayer.astype`).
+    batch_invariant : bool
+        See :class:`numoe.MoELayer`.
     **options
         Fields of the inferred :class:`numoe.MoEConfig` to replace (e.g.
         ``capacity_factor`` for Switch, see :func:`config_from_hf`).
@@ -644,11 +682,13 @@ def from_hf(block, *, dtype=None, layer_cls=None, **options):
         Its config inferred from the block (sizes from the weights, routing
         from the block's attributes); weights copied into the "x @ W" layout.
     """
+    opts = _load_options(layer_cls, dtype, weight_dtype, batch_invariant)
     fam, blk = _block_family(block)
     sd = blk.state_dict()
-    src = _Source(f"{type(blk).__name__}.state_dict()", "", sd.__getitem__, sd.__contains__)
+    src = _Source(f"{type(blk).__name__}.state_dict()", "", sd.__getitem__, sd.__contains__,
+                  _Quant(dtype=opts.quant))
     cfg = _with_options(_block_config(fam, blk, src), options)
-    return _build(_layer_cls(layer_cls), fam, cfg, src, dtype)
+    return _build(fam, cfg, src, opts)
 
 
 # ------------------------------------------------------------------ from_state_dict
@@ -690,8 +730,8 @@ def _resolve(config, family, keys=None):
     return fam, config_from_hf(hf, fam), hf
 
 
-def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, layer_cls=None,
-                    **options):
+def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None,
+                    weight_dtype=None, batch_invariant=False, layer_cls=None, **options):
     """A :class:`numoe.MoELayer` from arrays keyed as in an HF checkpoint.
 
     Parameters
@@ -711,7 +751,15 @@ def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, l
         One of :data:`FAMILIES` (needed with a ``MoEConfig`` when the names
         do not tell).
     dtype : float dtype, optional
-        Convert the weights (default: keep the stored dtype).
+        The layer's activation dtype (of ``x`` and ``y``); default: that of
+        the weights.
+    weight_dtype : float dtype or "int8", optional
+        Store the weights in this dtype (default: as stored, bfloat16 stays
+        ``ml_dtypes.bfloat16``; quantized FP8/MXFP4 weights dequantize to
+        bfloat16); ``"int8"`` quantizes the experts
+        (:meth:`numoe.MoELayer.astype`).
+    batch_invariant : bool
+        See :class:`numoe.MoELayer`.
     **options
         Fields of the :class:`numoe.MoEConfig` to replace.
 
@@ -719,6 +767,7 @@ def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, l
     -------
     MoELayer
     """
+    opts = _load_options(layer_cls, dtype, weight_dtype, batch_invariant)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to arrays, "
                         f"got {type(state_dict).__name__}")
@@ -732,9 +781,9 @@ def from_state_dict(state_dict, config, *, prefix="", family=None, dtype=None, l
     if not any(k == NAMES[fam].router for k in local):
         raise ValueError(f"state_dict has no {prefix + NAMES[fam].router!r}: not a {fam} MoE "
                          f"block under prefix={prefix!r}")
-    quant = _quant(hf, _float_dtype("dtype", dtype))
-    src = _Source("state_dict", prefix, state_dict.__getitem__, state_dict.__contains__, quant)
-    return _build(_layer_cls(layer_cls), fam, cfg, src, dtype)
+    src = _Source("state_dict", prefix, state_dict.__getitem__, state_dict.__contains__,
+                  _quant(hf, opts.quant))
+    return _build(fam, cfg, src, opts)
 
 
 # ------------------------------------------------------------------ safetensors
@@ -831,7 +880,7 @@ def _read_config(path, config):
 
 
 def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None, dtype=None,
-                     layer_cls=None, **options):
+                     weight_dtype=None, batch_invariant=False, layer_cls=None, **options):
     """One MoE layer of a safetensors checkpoint, read with NumPy only.
 
     Parameters
@@ -851,8 +900,15 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
     family : str, optional
         Default: ``config["model_type"]``.
     dtype : float dtype, optional
-        Convert the weights (default: keep the stored dtype; BF16 tensors
-        become ``ml_dtypes.bfloat16`` arrays).
+        The layer's activation dtype (of ``x`` and ``y``); default: that of
+        the weights.
+    weight_dtype : float dtype or "int8", optional
+        Store the weights in this dtype (default: as stored, bfloat16 stays
+        ``ml_dtypes.bfloat16``; quantized FP8/MXFP4 weights dequantize to
+        bfloat16); ``"int8"`` quantizes the experts
+        (:meth:`numoe.MoELayer.astype`).
+    batch_invariant : bool
+        See :class:`numoe.MoELayer`.
     **options
         Fields of the :class:`numoe.MoEConfig` to replace.
 
@@ -868,6 +924,7 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
+    opts = _load_options(layer_cls, dtype, weight_dtype, batch_invariant)
     if not os.path.exists(path):
         raise ValueError(f"path does not exist: {path}")
     if isinstance(layer_index, bool) or not isinstance(layer_index, (int, np.integer)):
@@ -878,7 +935,7 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
     try:
         hf = None if isinstance(cfg_in, MoEConfig) else _hf_dict("config", cfg_in)
         fam, cfg, _ = _resolve(cfg_in, family)
-        quant = _quant(hf, _float_dtype("dtype", dtype))
+        quant = _quant(hf, opts.quant)
         if hf is not None and prefix is None:
             n_key = "num_layers" if fam == "switch_transformers" else "num_hidden_layers"
             n = hf.get(n_key)
@@ -907,7 +964,7 @@ def from_safetensors(path, layer_index, *, config=None, prefix=None, family=None
         src = _Source(f"checkpoint {path}", found[0], ckpt.__getitem__, ckpt.__contains__,
                       quant)
         cfg = _with_options(cfg, options)
-        return _build(_layer_cls(layer_cls), fam, cfg, src, dtype)
+        return _build(fam, cfg, src, opts)
     finally:
         ckpt.close()
 

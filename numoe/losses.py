@@ -374,7 +374,8 @@ def load_balancing_loss_backward(probs, experts, *, mask=None, d_loss=1.0):
            [1., 0.]])
     """
     if backend_of(probs=probs, experts=experts, mask=mask) == "cuda":
-        raise NotImplementedError("load_balancing_loss_backward has no CUDA backend yet")
+        return cuda_module("losses").load_balancing_loss_backward(
+            probs, experts, mask=mask, d_loss=d_loss)
     from ._dtypes import widened
 
     p_, dt = widened(probs)
@@ -398,7 +399,7 @@ def load_balancing_loss_backward(probs, experts, *, mask=None, d_loss=1.0):
         cnt = np.empty(E, dtype=np.int64)
         cpu.merge_rows(hist, cnt)
         row = d_loss * E * (cnt / (n * ex.shape[1])) / n
-        cpu.fill_rows(m, row, out)
+        out[m] = row
     return out.astype(dt, copy=False).reshape(lead + (E,))
 
 
@@ -425,7 +426,7 @@ def router_z_loss_backward(logits, *, mask=None, d_loss=1.0):
     array([[0.69314718, 0.69314718]])
     """
     if backend_of(logits=logits, mask=mask) == "cuda":
-        raise NotImplementedError("router_z_loss_backward has no CUDA backend yet")
+        return cuda_module("losses").router_z_loss_backward(logits, mask=mask, d_loss=d_loss)
     from ._dtypes import widened
 
     z_, dt = widened(logits)
@@ -437,7 +438,10 @@ def router_z_loss_backward(logits, *, mask=None, d_loss=1.0):
     out = np.empty((T, E), dtype=z.dtype)
     bad = np.zeros(_n_chunks(T, _TOKEN_CHUNK), dtype=np.int64)
     if T:
-        cpu.z_loss_backward(z, m, 2.0 * d_loss / max(n, 1), _TOKEN_CHUNK, out, bad)
+        if bad.shape[0] > 1:
+            cpu.z_loss_backward(z, m, 2.0 * d_loss / max(n, 1), _TOKEN_CHUNK, out, bad)
+        else:       # one chunk: no parallel start-up
+            bad[0] = cpu.z_loss_backward_chunk(z, m, 2.0 * d_loss / max(n, 1), 0, T, out)
     if bad.any():
         raise ValueError("logits holds NaN or +inf, or a counted row that is -inf for every "
                          "expert; logsumexp would not be finite")

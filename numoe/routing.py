@@ -261,7 +261,7 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
     array([[ 0.25, -0.25]])
     """
     if backend_of(logits=logits, d_probs=d_probs) == "cuda":
-        raise NotImplementedError("router_probs_backward has no CUDA backend yet")
+        return cuda_module("routing").router_probs_backward(logits, d_probs, score=score)
     V.choice("score", score, SCORES)
     z, lead, dt = _backward_rows("logits", logits)
     g, _ = _widened_float("d_probs", d_probs)
@@ -273,7 +273,10 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
     out = np.zeros_like(z)
     status = np.empty(z.shape[0], dtype=np.uint8)
     if z.size:
-        cpu.probs_backward(z, g, score == "sigmoid", _CHUNK, out, status)
+        if z.shape[0] > _CHUNK:
+            cpu.probs_backward(z, g, score == "sigmoid", _CHUNK, out, status)
+        else:       # one chunk: no parallel start-up
+            cpu.probs_backward_chunk(z, g, score == "sigmoid", 0, z.shape[0], out, status)
         _raise_row_status("logits", status)
     return out.astype(dt, copy=False).reshape(lead + (z.shape[1],))
 
@@ -318,7 +321,8 @@ def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=T
         raise TypeError("routing must be a numoe.Routing (weights, experts) from route(), "
                         f"got {type(routing).__name__}")
     if backend_of(logits=logits, experts=routing[1], d_weights=d_weights) == "cuda":
-        raise NotImplementedError("route_backward has no CUDA backend yet")
+        return cuda_module("routing").route_backward(
+            logits, routing, d_weights, score=score, renormalize=renormalize, scale=scale)
     V.choice("score", score, SCORES)
     if not isinstance(renormalize, (bool, np.bool_)):
         raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
@@ -340,8 +344,11 @@ def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=T
     out = np.zeros_like(z)
     status = np.empty(T, dtype=np.uint8)
     if T:
-        cpu.route_backward(z, ex, dw, score == "sigmoid", bool(renormalize), scale, _CHUNK,
-                           out, status)
+        args = (z, ex, dw, score == "sigmoid", bool(renormalize), scale)
+        if T > _CHUNK:
+            cpu.route_backward(*args, _CHUNK, out, status)
+        else:       # one chunk: no parallel start-up
+            cpu.route_backward_chunk(*args, 0, T, out, status)
         _raise_row_status("logits", status)
     return out.astype(dt, copy=False).reshape(lead + (E,))
 

@@ -185,7 +185,18 @@ def error_cases():
     except ValueError as exc:
         if RANK == 1 or "rank(s) [1]" not in str(exc):
             msgs.append(f"unexpected ValueError: {exc}")
-    # 3. the communicator still works afterwards
+    # 3. the same for backward: a wrong d_y shape on rank 1
+    x = np.ones((2, cfg.hidden_dim), np.float32)
+    y, info = ep.forward(x, return_info=True)
+    dy = np.ones((3 if RANK == 1 else 2, cfg.hidden_dim), np.float32)
+    try:
+        ep.backward(x, info, dy)
+        msgs.append("bad d_y on rank 1 was accepted")
+    except ValueError as exc:
+        want = "d_y_local must have the shape" if RANK == 1 else "rank(s) [1]"
+        if want not in str(exc):
+            msgs.append(f"unexpected backward ValueError: {exc}")
+    # 4. the communicator still works afterwards
     y = ep(np.ones((2, cfg.hidden_dim), np.float32))
     if not np.allclose(y, numoe.MoELayer.random(cfg, seed=0)(np.ones((2, 32), np.float32)),
                        rtol=1e-5, atol=1e-6):

@@ -403,3 +403,17 @@ def test_quoted_command_parses(where, command):
         _parser().parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"{where}: `{command}` does not parse (exit {exc.code})")
+
+
+def test_asv_machine_is_named_after_the_cpu():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("asv_machine", ROOT / "asv_bench" / "machine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.machine_name("AMD EPYC 9B45 128-Core Processor",
+                            {"avx2", "avx512f", "avx512_bf16"}, 2) == "amd-epyc-9b45-avx512bf16-2c"
+    assert mod.machine_name("AMD EPYC 7B13 64-Core Processor", {"avx2"}, 2) == \
+        "amd-epyc-7b13-avx2-2c"
+    assert mod.machine_name("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", {"avx512f"}, 4) \
+        == "intel-xeon-platinum-8481c-avx512-4c"
+    assert re.fullmatch(r"[a-z0-9-]+-(avx512bf16|avx512|avx2|generic)-\d+c", mod.machine_name())

@@ -127,7 +127,8 @@ def write_checkpoint(path, tensors, config, shards=1):
 
 def write_raw_safetensors(fn, tensors):
     """A safetensors file written byte by byte (the NumPy API cannot write bfloat16)."""
-    codes = {BF16: "BF16", np.dtype(np.float32): "F32"}
+    codes = {BF16: "BF16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8",
+             np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
     head, blobs, off = {}, [], 0
     for k, a in tensors.items():
         b = np.ascontiguousarray(a).tobytes()
@@ -204,11 +205,26 @@ def test_numpy_state_dict_prefix_and_dtype():
     t = qwen2_tensors()
     layer = MoELayer.from_state_dict(t, QWEN2_CONFIG, prefix="model.layers.1.mlp")
     assert_same_weights(layer, by_hand(t))
+    for name, w in layer.parameters().items():          # copies, never views of the inputs
+        assert not any(np.shares_memory(w, a) for a in t.values()), name
     # block-relative names, a numoe config and the family inferred from the names
     local = {k[len(P):]: v for k, v in t.items() if k.startswith(P)}
-    layer2 = MoELayer.from_state_dict(local, layer.config, dtype=np.float64)
+    layer2 = MoELayer.from_state_dict(local, layer.config, weight_dtype=np.float64)
     assert layer2.dtype == np.float64
     assert_same_weights(layer2, by_hand(t, np.float64))
+
+
+def test_layer_options(qwen2_dir):
+    a = MoELayer.from_safetensors(qwen2_dir, 1, batch_invariant=True)
+    assert a.batch_invariant
+    q = MoELayer.from_safetensors(qwen2_dir, 1, weight_dtype="int8")
+    assert q.weight_dtype == np.int8 and q.dtype == np.float32
+    x = x_tokens()
+    assert rel_err(q(x), a(x)) < 2e-2                   # int8 weights: ~1e-2 rounding
+    with pytest.raises(TypeError, match="weight_dtype"):
+        MoELayer.from_safetensors(qwen2_dir, 1, weight_dtype=np.int32)
+    with pytest.raises(TypeError, match="batch_invariant"):
+        MoELayer.from_safetensors(qwen2_dir, 1, batch_invariant=1)
 
 
 def test_only_the_layer_tensors_are_read(qwen2_dir, monkeypatch):
@@ -233,7 +249,7 @@ def test_bfloat16_checkpoint_read_as_bfloat16(tmp_path):
     assert a.dtype == BF16
     assert np.array_equal(a.view(np.uint16), t[P + "experts.3.up_proj.weight"].view(np.uint16))
     # converted to float32 on request: exact (every bfloat16 is a float32)
-    layer = MoELayer.from_safetensors(tmp_path / "bf", 1, dtype=np.float32)
+    layer = MoELayer.from_safetensors(tmp_path / "bf", 1, weight_dtype=np.float32)
     assert_same_weights(layer, by_hand(t, np.float32))
 
 
@@ -245,9 +261,156 @@ def test_bfloat16_checkpoint_layer_keeps_bfloat16(tmp_path):
     with open(tmp_path / "bf" / "config.json", "w") as f:
         json.dump(QWEN2_CONFIG, f)
     layer = MoELayer.from_safetensors(tmp_path / "bf", 1)
-    assert layer.w_gate.dtype == BF16
+    assert layer.w_gate.dtype == BF16 and layer.dtype == BF16
     want = np.stack([t[P + f"experts.{e}.gate_proj.weight"].T for e in range(E)])
     assert np.array_equal(layer.w_gate.view(np.uint16), want.view(np.uint16))
+    # float32 activations on the bfloat16 weights (no float32 copy of the experts)
+    l32 = MoELayer.from_safetensors(tmp_path / "bf", 1, dtype=np.float32)
+    assert (l32.dtype, l32.weight_dtype) == (np.float32, BF16)
+    x = x_tokens()
+    ref = numoe.reference.moe_forward(x, top_k=K, **l32.weights())
+    assert rel_err(l32(x), ref) < TOL
+
+
+def save_raw_checkpoint(path, tensors, config):
+    os.makedirs(path, exist_ok=True)
+    write_raw_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def fp8_by_hand(w8, scale, bn, bk):
+    """Block-wise dequantisation written as a loop over the blocks."""
+    out = w8.astype(np.float32)
+    for r in range(scale.shape[0]):
+        for c in range(scale.shape[1]):
+            out[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] *= scale[r, c]
+    return out
+
+
+def test_deepseek_fp8_checkpoint(tmp_path):
+    """DeepSeek-V3 as published: FP8 experts with 128x128-block scales (here 4x8 blocks,
+    sizes not multiples of them), bfloat16 router, float32 selection bias."""
+    E_, H_, F_, bn, bk = 8, 12, 10, 4, 8
+    rng = np.random.default_rng(7)
+    cfg = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1,
+           "n_routed_experts": E_, "num_experts_per_tok": 2, "hidden_size": H_,
+           "moe_intermediate_size": F_, "n_group": 2, "topk_group": 1,
+           "routed_scaling_factor": 2.5, "n_shared_experts": 1, "norm_topk_prob": True,
+           "hidden_act": "silu",
+           "quantization_config": {"quant_method": "fp8", "weight_block_size": [bn, bk]}}
+    p = "model.layers.1.mlp."
+    t, want = {}, {}
+
+    def fp8_weight(name, out_dim, in_dim):
+        w8 = (rng.standard_normal((out_dim, in_dim)) * 2).astype(FP8)
+        sc = rng.uniform(0.05, 0.3, (-(-out_dim // bn), -(-in_dim // bk))).astype(np.float32)
+        t[p + name], t[p + name + "_scale_inv"] = w8, sc
+        want[name] = fp8_by_hand(w8, sc, bn, bk)
+
+    for e in range(E_):
+        for proj, o, i in (("gate_proj", F_, H_), ("up_proj", F_, H_), ("down_proj", H_, F_)):
+            fp8_weight(f"experts.{e}.{proj}.weight", o, i)
+    for proj, o, i in (("gate_proj", F_, H_), ("up_proj", F_, H_), ("down_proj", H_, F_)):
+        fp8_weight(f"shared_experts.{proj}.weight", o, i)
+    t[p + "gate.weight"] = rng.standard_normal((E_, H_)).astype(BF16)
+    t[p + "gate.e_score_correction_bias"] = rng.normal(0, 0.1, E_).astype(np.float32)
+    save_raw_checkpoint(tmp_path / "ds", t, cfg)
+
+    layer = MoELayer.from_safetensors(tmp_path / "ds", 1, weight_dtype=np.float32)
+    ex = lambda proj: np.stack([want[f"experts.{e}.{proj}.weight"].T  # noqa: E731
+                                for e in range(E_)])
+    assert np.array_equal(layer.w_gate, ex("gate_proj"))
+    assert np.array_equal(layer.w_up, ex("up_proj"))
+    assert np.array_equal(layer.w_down, ex("down_proj"))
+    assert np.array_equal(layer.shared_down_proj, want["shared_experts.down_proj.weight"].T)
+    assert np.array_equal(layer.router, t[p + "gate.weight"].astype(np.float32).T)
+    assert np.array_equal(layer.selection_bias, t[p + "gate.e_score_correction_bias"])
+    x = np.random.default_rng(8).standard_normal((16, H_)).astype(np.float32)
+    ref = numoe.reference.moe_forward(x, top_k=2, **layer.weights())
+    assert rel_err(layer(x), ref) < TOL
+    # default: dequantized to bfloat16, as HF does
+    lb = MoELayer.from_safetensors(tmp_path / "ds", 1)
+    assert lb.w_gate.dtype == BF16
+    assert np.array_equal(lb.w_gate.astype(np.float32),
+                          ex("gate_proj").astype(BF16).astype(np.float32))
+    # a float8 tensor without its scales, and an unsupported quantization method
+    del t[p + "experts.5.up_proj.weight_scale_inv"]
+    save_raw_checkpoint(tmp_path / "bad", t, cfg)
+    with pytest.raises(TypeError, match="experts.5.up_proj.weight_scale_inv"):
+        MoELayer.from_safetensors(tmp_path / "bad", 1)
+    with pytest.raises(ValueError, match="quant_method 'awq'"):
+        MoELayer.from_safetensors(tmp_path / "ds", 1, config={
+            **cfg, "quantization_config": {"quant_method": "awq"}})
+
+
+FP4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_by_hand(blocks, scales):
+    """[E, N, G, 16] bytes + [E, N, G] exponents -> [E, K, N] float32, element by element."""
+    E_, N, G, _ = blocks.shape
+    out = np.zeros((E_, N, 32 * G), np.float32)
+    for e, n, g, j in np.ndindex(E_, N, G, 16):
+        byte = int(blocks[e, n, g, j])
+        for half, nib in ((0, byte & 15), (1, byte >> 4)):
+            v = (-1.0 if nib & 8 else 1.0) * FP4[nib & 7] * 2.0 ** (int(scales[e, n, g]) - 127)
+            out[e, n, 32 * g + 2 * j + half] = v
+    return out.transpose(0, 2, 1)
+
+
+def test_dequantize_mxfp4_known_values():
+    blocks = np.zeros((1, 1, 1, 16), np.uint8)
+    blocks[0, 0, 0, 0] = 0x21            # low nibble 1 -> 0.5, high nibble 2 -> 1.0
+    blocks[0, 0, 0, 1] = 0xF9            # 9 -> -0.5, 15 -> -6.0
+    scales = np.full((1, 1, 1), 128, np.uint8)           # x 2
+    w = loading.dequantize_mxfp4(blocks, scales, np.float32)
+    assert w.shape == (1, 32, 1)
+    assert w[0, :4, 0].tolist() == [1.0, 2.0, -1.0, -12.0]
+    assert not w[0, 4:].any()
+    with pytest.raises(ValueError, match="blocks must be"):
+        loading.dequantize_mxfp4(blocks[..., :8], scales)
+    with pytest.raises(TypeError, match="uint8"):
+        loading.dequantize_mxfp4(blocks.astype(np.int16), scales)
+
+
+def gpt_oss_mxfp4_checkpoint(path, E_=4, H_=64, F_=32, seed=9):
+    """gpt-oss as published: MXFP4 experts, bfloat16 router and biases."""
+    rng = np.random.default_rng(seed)
+    p = "model.layers.0.mlp."
+    t = {p + "router.weight": (rng.standard_normal((E_, H_)) * 0.2).astype(BF16),
+         p + "router.bias": rng.normal(0, 0.1, E_).astype(BF16),
+         p + "experts.gate_up_proj_bias": rng.normal(0, 0.1, (E_, 2 * F_)).astype(BF16),
+         p + "experts.down_proj_bias": rng.normal(0, 0.1, (E_, H_)).astype(BF16)}
+    for name, n, k in (("gate_up_proj", 2 * F_, H_), ("down_proj", H_, F_)):
+        t[p + f"experts.{name}_blocks"] = rng.integers(0, 256, (E_, n, k // 32, 16), np.uint8)
+        t[p + f"experts.{name}_scales"] = rng.integers(122, 127, (E_, n, k // 32), np.uint8)
+    cfg = {"model_type": "gpt_oss", "num_hidden_layers": 1, "num_local_experts": E_,
+           "experts_per_token": 2, "num_experts_per_tok": 2, "hidden_size": H_,
+           "intermediate_size": F_, "swiglu_limit": 7.0,
+           "quantization_config": {"quant_method": "mxfp4"}}
+    save_raw_checkpoint(path, t, cfg)
+    return t, p
+
+
+def test_gpt_oss_mxfp4_checkpoint(tmp_path):
+    t, p = gpt_oss_mxfp4_checkpoint(tmp_path / "oss")
+    layer = MoELayer.from_safetensors(tmp_path / "oss", 0)
+    assert layer.w_gate.dtype == BF16
+    gu = mxfp4_by_hand(t[p + "experts.gate_up_proj_blocks"], t[p + "experts.gate_up_proj_scales"])
+    down = mxfp4_by_hand(t[p + "experts.down_proj_blocks"], t[p + "experts.down_proj_scales"])
+    as32 = lambda a: np.asarray(a).astype(np.float32)  # noqa: E731
+    assert np.array_equal(as32(layer.w_gate), gu[..., 0::2])        # exact in bfloat16
+    assert np.array_equal(as32(layer.w_up), gu[..., 1::2])
+    assert np.array_equal(as32(layer.w_down), down)
+    assert np.array_equal(as32(layer.b_up), as32(t[p + "experts.gate_up_proj_bias"])[:, 1::2])
+    l32 = MoELayer.from_safetensors(tmp_path / "oss", 0, weight_dtype=np.float32)
+    x = np.random.default_rng(10).standard_normal((16, 64)).astype(np.float32)
+    ref = numoe.reference.moe_forward(x, top_k=2, **l32.weights())
+    assert rel_err(l32(x), ref) < TOL
 
 
 def test_config_from_hf_and_moe_layers():
@@ -573,7 +736,7 @@ def test_bfloat16_conversion_bit_exact(tmp_path):
     assert np.array_equal(a.view(np.int16), gu.detach().view(torch.int16).numpy())
     # the checkpoint, read with NumPy: the same bits (BF16 -> float32 exactly here)
     model.save_pretrained(tmp_path)
-    layer = MoELayer.from_safetensors(tmp_path, 1, dtype=np.float32)
+    layer = MoELayer.from_safetensors(tmp_path, 1, weight_dtype=np.float32)
     F_ = gu.shape[1] // 2
     want = gu.detach().float().numpy()[:, :F_].transpose(0, 2, 1)
     assert np.array_equal(layer.w_gate, want)
@@ -597,3 +760,102 @@ def test_bfloat16_layer(family, tmp_path):
     ref = run_block(moe_block(model, family).float(), x.astype(np.float32))
     assert rel_err(a(x), ref) < 1e-2          # measured 1.7e-3: bfloat16 output rounding
 
+
+
+@parity
+def test_dequantizers_match_transformers():
+    """numoe's FP8 and MXFP4 dequantisation against transformers' own (CPU) code."""
+    from transformers.integrations import finegrained_fp8, mxfp4
+
+    rng = np.random.default_rng(11)
+    blocks = rng.integers(0, 256, (3, 8, 2, 16), np.uint8)
+    scales = rng.integers(100, 140, (3, 8, 2), np.uint8)
+    want = mxfp4.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                            dtype=torch.bfloat16)
+    got = loading.dequantize_mxfp4(blocks, scales)
+    assert got.shape == tuple(want.shape)
+    assert np.array_equal(got.view(np.int16), want.view(torch.int16).numpy())
+    deq = getattr(finegrained_fp8, "_dequantize_fp8_weight", None)
+    if deq is None:
+        pytest.skip("this transformers has no FP8 dequantisation helper to compare with")
+    w8 = (rng.standard_normal((10, 12)) * 3).astype(FP8)
+    sc = rng.uniform(0.05, 0.3, (3, 2)).astype(np.float32)
+    w8_t = torch.from_numpy(w8.view(np.uint8)).view(torch.float8_e4m3fn)
+    want = deq(w8_t, torch.from_numpy(sc), [4, 8], torch.float32).numpy()
+    assert np.array_equal(loading.dequantize_fp8(w8, sc, (4, 8)), want)
+    assert np.array_equal(fp8_by_hand(w8, sc, 4, 8), want)
+
+
+@parity
+def test_gpt_oss_mxfp4_matches_hf_block(tmp_path):
+    """The dequantized MXFP4 layer equals HF's GptOssMLP holding the same weights."""
+    t, p = gpt_oss_mxfp4_checkpoint(tmp_path / "oss")
+    layer = MoELayer.from_safetensors(tmp_path / "oss", 0, weight_dtype=np.float32)
+    from transformers.integrations import mxfp4
+    from transformers.models.gpt_oss import modeling_gpt_oss as m
+
+    block = m.GptOssMLP(m.GptOssConfig(hidden_size=64, intermediate_size=32,
+                                       num_local_experts=4, num_experts_per_tok=2)).eval()
+    tt = lambda a: torch.from_numpy(np.asarray(a).astype(np.float32))  # noqa: E731
+
+    def deq(name):
+        return mxfp4.convert_moe_packed_tensors(torch.from_numpy(t[p + f"experts.{name}_blocks"]),
+                                                torch.from_numpy(t[p + f"experts.{name}_scales"]),
+                                                dtype=torch.float32)
+
+    with torch.no_grad():
+        block.router.weight.copy_(tt(t[p + "router.weight"]))
+        block.router.bias.copy_(tt(t[p + "router.bias"]))
+        block.experts.gate_up_proj.copy_(deq("gate_up_proj"))
+        block.experts.down_proj.copy_(deq("down_proj"))
+        block.experts.gate_up_proj_bias.copy_(tt(t[p + "experts.gate_up_proj_bias"]))
+        block.experts.down_proj_bias.copy_(tt(t[p + "experts.down_proj_bias"]))
+    x = np.random.default_rng(12).standard_normal((1, 16, 64)).astype(np.float32)
+    assert rel_err(layer(x), run_block(block, x)) < TOL
+
+
+@parity
+def test_switch_decoder_block_with_prefix(hf_models):
+    model, path = hf_models("switch_transformers")
+    block = model.decoder.block[1].layer[2].mlp
+    layer = MoELayer.from_safetensors(path, 1, prefix="decoder.block.{i}.layer.2.mlp.")
+    x = hf_x(6, batch=1)
+    assert rel_err(layer(x), run_block(block, x)) < TOL
+    with pytest.raises(ValueError, match="no MoE router tensor"):
+        MoELayer.from_safetensors(path, 0, prefix="decoder.block.{i}.layer.2.mlp.")
+
+
+@parity
+def test_from_hf_transformers4_style_block(hf_models):
+    """A block keeping one module per expert (transformers 4 layout: gate a Linear, experts
+    a ModuleList of w1/w2/w3 MLPs) loads like the fused transformers 5 block."""
+    model, _ = hf_models("mixtral")
+    fused = moe_block(model, "mixtral")
+    nn = torch.nn
+    E_, F2, H_ = fused.experts.gate_up_proj.shape
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Linear(H_, F2 // 2, bias=False)
+            self.w2 = nn.Linear(F2 // 2, H_, bias=False)
+            self.w3 = nn.Linear(H_, F2 // 2, bias=False)
+            self.act_fn = nn.SiLU()
+
+    class MixtralSparseMoeBlock(nn.Module):           # the transformers 4 class name
+        def __init__(self):
+            super().__init__()
+            self.top_k = 2
+            self.gate = nn.Linear(H_, E_, bias=False)
+            self.experts = nn.ModuleList([Expert() for _ in range(E_)])
+
+    old = MixtralSparseMoeBlock()
+    with torch.no_grad():
+        old.gate.weight.copy_(fused.gate.weight)
+        for e, ex in enumerate(old.experts):
+            ex.w1.weight.copy_(fused.experts.gate_up_proj[e, :F2 // 2])
+            ex.w3.weight.copy_(fused.experts.gate_up_proj[e, F2 // 2:])
+            ex.w2.weight.copy_(fused.experts.down_proj[e])
+    a, b = MoELayer.from_hf(old), MoELayer.from_hf(fused)
+    assert a.config == b.config
+    assert_same_weights(a, b)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # numoe on a lent GPU machine. Usage (from the repository root):
-#   bash tools/gpu_run.sh [check|test|bench|all] ...
+#   bash tools/gpu_run.sh [check|test|bench|all|bf16] ...
 # check: device sanity, full-size correctness of every CUDA op vs the CPU backend,
 #        kernel timings (tools/gpu_check.py)
 # test:  the pytest suite on the real GPU (tests/test_cuda.py first, then all)
 # bench: the GPU layer table (numoe vs HF transformers) and the routing table
+# bf16:  tests/test_cuda.py, then the 16-bit checks and timings (tools/gpu_bf16.py)
 # Logs and JSON go to $OUT (or ./gpu_out). Expects numpy<2.5 for numba-cuda: when a
 # .whl/ folder is present its wheels are installed to /tmp/site first.
 set -uo pipefail
@@ -28,7 +29,8 @@ rc=0
 
 sanity() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-  python3 -c "import numpy, numba, numba_cuda, scipy; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'scipy', scipy.__version__)"
+  python3 -c "import numpy, numba, numba_cuda, scipy, ml_dtypes; print('numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'scipy', scipy.__version__, 'ml_dtypes', ml_dtypes.__version__)"
+  python3 -c "import cffi; print('cffi', cffi.__version__)" || echo "no cffi: no tensor-core path"
   python3 -c "import numoe; print(numoe.backends())"
 }
 
@@ -51,6 +53,12 @@ case "$mode" in
     ;;&
   bench|all)
     python3 tools/gpu_bench.py "$@" 2>&1 | tee "$OUT/bench.log" || rc=1
+    ;;
+  bf16)
+    sanity 2>&1 | tee "$OUT/sanity.log"
+    timeout "${NUMOE_GPU_PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -x \
+      tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
+    python3 tools/gpu_bf16.py "$@" 2>&1 | tee "$OUT/bf16.log" || rc=1
     ;;
   check|test) ;;
   *) echo "unknown mode $mode"; exit 2 ;;

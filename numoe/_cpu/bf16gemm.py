@@ -34,8 +34,9 @@ kernel for another M, so row independence is not promised there.
 
 Memory: a packed weight (:func:`pack_bf16`) holds the bf16 bytes (plus zero
 padding to a multiple of 32 along K and of 64 along N), never a float32 copy;
-a call allocates the rounded activations (``2 * M * K`` bytes) and, on the
-fallback, one ``[K, 256]`` float32 weight tile plus ``4 * M * K`` bytes.
+a call allocates the rounded activations and their blocked copy (about
+``4 * M * K`` bytes) and, on the fallback, one ``[K, 256]`` float32 weight
+tile plus ``6 * M * K`` bytes.
 """
 from __future__ import annotations
 
@@ -75,16 +76,18 @@ _STATE = {}
 
 # ------------------------------------------------------------- detection
 def _cpu_flags():
-    """LLVM's feature flags for the CPU Numba compiles for (a set of ``+name``)."""
-    import numba
-    from llvmlite import binding as llvm
+    """LLVM's feature flags for the CPU Numba compiles for (a set of ``+name``; kept)."""
+    if "flags" not in _STATE:
+        import numba
+        from llvmlite import binding as llvm
 
-    feats = numba.config.CPU_FEATURES
-    if feats is None:
-        if numba.config.CPU_NAME not in (None, "host"):
-            return set()
-        feats = llvm.get_host_cpu_features().flatten()
-    return set(feats.split(","))
+        feats = numba.config.CPU_FEATURES
+        if feats is None and numba.config.CPU_NAME not in (None, "host"):
+            feats = ""
+        elif feats is None:
+            feats = llvm.get_host_cpu_features().flatten()
+        _STATE["flags"] = frozenset(feats.split(","))
+    return _STATE["flags"]
 
 
 def has_avx512_bf16():
@@ -188,7 +191,7 @@ def _declare(builder, name, ret, args):
 def _make_vdp_kernel(mr, nv):
     """An intrinsic ``mk(a, a_off, lda, b, b_off, c, c_off, ldc, npairs, load)`` (vdpbf16ps).
 
-    ``a``: uint32 pairs of bf16 activations (``a[a_off + r*lda + p]``),
+    ``a``: uint32 pairs of bf16 activations (``a[a_off + p*lda + r]``: rows interleaved),
     ``b``: packed uint32 weight pairs (``b[b_off + p*16*nv + lane]``),
     ``c``: float32 (``c[c_off + r*ldc + lane]``) for ``r < mr``,
     ``lane < 16*nv``, ``p < npairs`` (offsets in elements); ``load``
@@ -232,7 +235,7 @@ def _make_vdp_kernel(mr, nv):
                     x = builder.load(builder.bitcast(q, _V16I.as_pointer()), align=4)
                     bv.append(builder.bitcast(x, _V32BF))
                 for r in range(mr):
-                    off = builder.add(builder.add(a_off, builder.mul(_c64(r), lda)), p)
+                    off = builder.add(builder.add(a_off, builder.mul(p, lda)), _c64(r))
                     s = builder.load(builder.gep(ap, [off]), align=4)
                     s = builder.insert_element(ir.Constant(_V16I, None), s,
                                                ir.Constant(ir.IntType(32), 0))
@@ -381,6 +384,19 @@ def _copy_bits(a, ab):
 
 
 @kernel
+def _interleave_rows(a2, ai):
+    """``ai[i // MR, p, i % MR] = a2[i, p]`` (zero rows past ``a2``): each microkernel call
+    reads one contiguous stream of activation pairs."""
+    M = a2.shape[0]
+    nb, Kp2, mr = ai.shape
+    for ib in range(nb):
+        for p in range(Kp2):
+            for r in range(mr):
+                i = ib * mr + r
+                ai[ib, p, r] = a2[i, p] if i < M else np.uint32(0)
+
+
+@kernel
 def _tile_rows(ab, at):
     """``at[i // 16, s, i % 16, :] = ab[i, 32 s: 32 s + 32]`` (zero rows past ``ab``)."""
     M = ab.shape[0]
@@ -415,10 +431,11 @@ def _pack(w, out):
 
 
 @kernel
-def _gemm_avx512(a2, lda, Kp2, b, Np, out, ctail, nr, mr_max, kc):
+def _gemm_avx512(a2, Kp2, b, Np, out, ctail, nr, mr_max, kc):
     """``out[M, N] = a2 @ b`` with vdpbf16ps on the packed layouts (uint32 pair views, flat).
 
-    ``a2 [M * lda]`` activation pairs (``lda >= Kp2``), ``b [Np * Kp2 * nr]`` weight panels,
+    ``a2 [ceil(M / mr_max) * Kp2 * mr_max]`` activation pairs, blocks of
+    ``mr_max`` rows interleaved (:func:`_interleave_rows`), ``b [Np * Kp2 * nr]`` weight panels,
     ``ctail [M, nr]`` scratch for a last, partial panel.
     """
     M, N = out.shape
@@ -431,10 +448,10 @@ def _gemm_avx512(a2, lda, Kp2, b, Np, out, ctail, nr, mr_max, kc):
             for i0 in range(0, M, mr_max):
                 mr = min(mr_max, M - i0)
                 if jp < full:
-                    _mk_rows(mr, a2, i0 * lda + k0, lda, b, b_off, out, i0 * N + jp * nr, N,
+                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, b, b_off, out, i0 * N + jp * nr, N,
                              k1 - k0, load)
                 else:
-                    _mk_rows(mr, a2, i0 * lda + k0, lda, b, b_off, ctail, i0 * nr, nr,
+                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, b, b_off, ctail, i0 * nr, nr,
                              k1 - k0, load)
     if full < Np:
         n0 = full * nr
@@ -630,10 +647,11 @@ def bf16_matmul(a, w, out=None, *, force=None):
             _tile_rows(ab, at)
             _gemm_amx(_tile_config(), at, w.data, Kp2, out, np.empty((32, 32), np.float32))
         else:
-            # rows 64 bytes longer than K: a stride off multiples of 4 KiB (no L1 set aliasing)
-            ab = _round_activations(a, 2 * Kp2 + 32)
+            ab = _round_activations(a, 2 * Kp2)
+            ai = np.empty((-(-M // MR), Kp2, MR), np.uint32)
+            _interleave_rows(ab.view(np.uint32), ai)
             ctail = np.empty((M, NR) if N % NR else (0, NR), np.float32)
-            _gemm_avx512(ab.view(np.uint32).reshape(-1), Kp2 + 16, Kp2,
+            _gemm_avx512(ai.reshape(-1), Kp2,
                          w.data.view(np.uint32).reshape(-1), w.data.shape[0], out, ctail,
                          NR, MR, KC)
         return out
@@ -653,3 +671,44 @@ def bf16_matmul(a, w, out=None, *, force=None):
         else:
             out[:, c0:c1] = af @ tile[:, :c1 - c0]
     return out
+
+
+def _bench(ms=(16, 64, 256), k=2048, n=2048, repeat=15, seed=0):
+    """GFLOP/s of each path on one thread (median and best of ``repeat``), for the docs.
+
+    ``python -c "from numoe._cpu.bf16gemm import _bench; _bench()"``: packed
+    weight; the fallback packs for itself ("kn"); ``np.matmul f32`` is sgemm
+    on a float32 copy of the weight. Paths this CPU lacks are left out.
+    Timed with the calling thread's CPU time (``time.thread_time``: every
+    path runs on the calling thread), so time spent descheduled on a busy
+    machine does not count; a busy sibling hyperthread still does.
+    """
+    import time
+
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(seed)
+    paths = [p for p in (AMX, AVX512) if isa_path(p) == p] + [FALLBACK]
+    print(f"bf16_matmul, 1 thread, K={k}, N={n}; GFLOP/s of thread CPU time, median (best) "
+          f"of {repeat}; "
+          f"best path here: {isa_path('auto')}")
+    with threadpool_limits(1):
+        for m in ms:
+            a = rng.standard_normal((m, k), dtype=np.float32)
+            wf = rng.standard_normal((k, n), dtype=np.float32)
+            w = wf.astype(D.BFLOAT16)
+            out = np.empty((m, n), np.float32)
+            calls = {p: (lambda p=p, pw=pack_bf16(w, force=p): bf16_matmul(a, pw, out, force=p))
+                     for p in paths}
+            calls["np.matmul f32"] = lambda: np.matmul(a, wf, out=out)
+            row = []
+            for name, f in calls.items():
+                f()
+                ts = []
+                for _ in range(repeat):
+                    t0 = time.thread_time()
+                    f()
+                    ts.append(time.thread_time() - t0)
+                fl = 2.0 * m * k * n / 1e9
+                row.append(f"{name} {fl / np.median(ts):6.1f} ({fl / min(ts):6.1f})")
+            print(f"M={m:4d}  " + "  ".join(row))

@@ -133,18 +133,29 @@ def bias_step(bias, counts, mean, rate, out):
 
 
 # ------------------------------------------------------------------ backward
-@driver
-def fill_rows(mask, row, out):
-    """``out[t] = row`` where ``mask[t]``, else 0 (the load-balancing gradient)."""
-    T, E = out.shape
-    for t in prange(T):
+@kernel
+def z_loss_backward_chunk(logits, mask, coef, lo, hi, out):
+    """Rows ``lo:hi`` of :func:`z_loss_backward` (serial); returns the bad-row count."""
+    E = logits.shape[1]
+    s = np.empty(E)
+    nb = 0
+    for t in range(lo, hi):
         o = out[t]
-        if mask[t]:
-            for e in range(E):
-                o[e] = row[e]
-        else:
+        z = logits[t]
+        if not mask[t] or row_status(z, True) != 0:
+            nb += mask[t]
             for e in range(E):
                 o[e] = 0.0
+            continue
+        m = -np.inf
+        for e in range(E):
+            m = max(m, z[e])
+        m = np.float64(m)
+        tot = exp_shifted(z, m, s)
+        f = coef * (m + math.log(tot)) / tot
+        for e in range(E):
+            o[e] = f * s[e]
+    return nb
 
 
 @driver
@@ -152,25 +163,7 @@ def z_loss_backward(logits, mask, coef, chunk, out, bad):
     """``out[t] = coef * lse(z_t) * softmax(z_t)`` on counted rows (0 elsewhere),
     float64 inside; ``bad[c]`` counts chunk ``c``'s counted rows that hold NaN/+inf
     or are -inf everywhere."""
-    T, E = logits.shape
-    n_chunks = bad.shape[0]
-    for c in prange(n_chunks):
-        s = np.empty(E)
-        nb = 0
-        for t in range(c * chunk, min(T, (c + 1) * chunk)):
-            o = out[t]
-            z = logits[t]
-            if not mask[t] or row_status(z, True) != 0:
-                nb += mask[t]
-                for e in range(E):
-                    o[e] = 0.0
-                continue
-            m = -np.inf
-            for e in range(E):
-                m = max(m, z[e])
-            m = np.float64(m)
-            tot = exp_shifted(z, m, s)
-            f = coef * (m + math.log(tot)) / tot
-            for e in range(E):
-                o[e] = f * s[e]
-        bad[c] = nb
+    T = logits.shape[0]
+    for c in prange(bad.shape[0]):
+        bad[c] = z_loss_backward_chunk(logits, mask, coef, c * chunk, min(T, (c + 1) * chunk),
+                                       out)

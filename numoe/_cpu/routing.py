@@ -493,32 +493,81 @@ def probs_backward_row(s, use_sigmoid, g, out):
         out[e] = s[e] * (g[e] - dot)
 
 
+@kernel
+def probs_backward_chunk(logits, d_probs, use_sigmoid, lo, hi, out, status):
+    """Rows ``lo:hi`` of :func:`probs_backward` (serial)."""
+    E = logits.shape[1]
+    s = np.empty(E)
+    g = np.empty(E)
+    d = np.empty(E)
+    for t in range(lo, hi):
+        z = logits[t]
+        st = row_status(z, not use_sigmoid)
+        status[t] = st
+        if st != 0:
+            continue
+        if use_sigmoid:
+            sigmoid_row(z, s)
+        else:
+            softmax_row(z, s)
+        for e in range(E):
+            g[e] = np.float64(d_probs[t, e])
+        probs_backward_row(s, use_sigmoid, g, d)
+        o = out[t]
+        for e in range(E):
+            o[e] = d[e]
+
+
 @driver
 def probs_backward(logits, d_probs, use_sigmoid, chunk, out, status):
     """``out[t] = d logits`` of :func:`probs` given ``d_probs``; per-row ``status`` as
-    :func:`probs`. Scores and products in float64, stored in ``out``'s dtype."""
-    T, E = logits.shape
+    :func:`probs`. Scores and products in float64, stored in ``out``'s dtype.
+    Parallel over chunks of ``chunk`` rows (each owns its rows)."""
+    T = logits.shape[0]
     n_chunks = (T + chunk - 1) // chunk
     for c in prange(n_chunks):
-        s = np.empty(E)
-        g = np.empty(E)
-        d = np.empty(E)
-        for t in range(c * chunk, min(T, (c + 1) * chunk)):
-            z = logits[t]
-            st = row_status(z, not use_sigmoid)
-            status[t] = st
-            if st != 0:
-                continue
-            if use_sigmoid:
-                sigmoid_row(z, s)
-            else:
-                softmax_row(z, s)
-            for e in range(E):
-                g[e] = np.float64(d_probs[t, e])
-            probs_backward_row(s, use_sigmoid, g, d)
-            o = out[t]
-            for e in range(E):
-                o[e] = d[e]
+        probs_backward_chunk(logits, d_probs, use_sigmoid, c * chunk, min(T, (c + 1) * chunk),
+                             out, status)
+
+
+@kernel
+def route_backward_chunk(logits, experts, d_weights, use_sigmoid, renormalize, scale, lo, hi,
+                         out, status):
+    """Rows ``lo:hi`` of :func:`route_backward` (serial)."""
+    E = logits.shape[1]
+    k = experts.shape[1]
+    s = np.empty(E)
+    g = np.empty(E)
+    d = np.empty(E)
+    for t in range(lo, hi):
+        z = logits[t]
+        st = row_status(z, not use_sigmoid)
+        status[t] = st
+        if st != 0:
+            continue
+        if use_sigmoid:
+            sigmoid_row(z, s)
+        else:
+            softmax_row(z, s)
+        g[:] = 0.0
+        if renormalize:
+            tot = 0.0
+            dot = 0.0
+            for j in range(k):
+                sc = s[experts[t, j]]
+                tot += sc
+                dot += np.float64(d_weights[t, j]) * scale * sc
+            tot += 1e-20
+            corr = dot / (tot * tot)
+            for j in range(k):
+                g[experts[t, j]] += np.float64(d_weights[t, j]) * scale / tot - corr
+        else:
+            for j in range(k):
+                g[experts[t, j]] += np.float64(d_weights[t, j]) * scale
+        probs_backward_row(s, use_sigmoid, g, d)
+        o = out[t]
+        for e in range(E):
+            o[e] = d[e]
 
 
 @driver
@@ -528,41 +577,11 @@ def route_backward(logits, experts, d_weights, use_sigmoid, renormalize, scale, 
 
     ``w_j = scale * s[c_j] / (sum_i s[c_i] + 1e-20)`` (renormalised) or
     ``scale * s[c_j]``; the score gradient is scattered to the chosen
-    experts in slot order, then through the softmax/sigmoid. float64 inside.
+    experts in slot order, then through the softmax/sigmoid. float64 inside;
+    parallel over chunks of ``chunk`` rows (each owns its rows).
     """
-    T, E = logits.shape
-    k = experts.shape[1]
+    T = logits.shape[0]
     n_chunks = (T + chunk - 1) // chunk
     for c in prange(n_chunks):
-        s = np.empty(E)
-        g = np.empty(E)
-        d = np.empty(E)
-        for t in range(c * chunk, min(T, (c + 1) * chunk)):
-            z = logits[t]
-            st = row_status(z, not use_sigmoid)
-            status[t] = st
-            if st != 0:
-                continue
-            if use_sigmoid:
-                sigmoid_row(z, s)
-            else:
-                softmax_row(z, s)
-            g[:] = 0.0
-            if renormalize:
-                tot = 0.0
-                dot = 0.0
-                for j in range(k):
-                    sc = s[experts[t, j]]
-                    tot += sc
-                    dot += np.float64(d_weights[t, j]) * scale * sc
-                tot += 1e-20
-                corr = dot / (tot * tot)
-                for j in range(k):
-                    g[experts[t, j]] += np.float64(d_weights[t, j]) * scale / tot - corr
-            else:
-                for j in range(k):
-                    g[experts[t, j]] += np.float64(d_weights[t, j]) * scale
-            probs_backward_row(s, use_sigmoid, g, d)
-            o = out[t]
-            for e in range(E):
-                o[e] = d[e]
+        route_backward_chunk(logits, experts, d_weights, use_sigmoid, renormalize, scale,
+                             c * chunk, min(T, (c + 1) * chunk), out, status)

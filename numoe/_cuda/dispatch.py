@@ -683,3 +683,99 @@ def _combine_kernel(dtype, weighted):
                 h += bs
 
     return kern
+
+
+# ------------------------------------------------------------------ backward
+# Device twins of :func:`numoe.permute_backward` and
+# :func:`numoe.unpermute_backward`. No atomics: ``permute_backward`` is the
+# combine above with unit weights (each token sums its kept slots in slot
+# order); ``unpermute_backward`` writes each kept slot's row once and takes
+# each ``d_weights[t, j]`` as one thread's float64 dot product in ascending
+# ``h`` (the order of the CPU kernel).
+def permute_backward(d_xs, plan):
+    """Device twin of :func:`numoe.permute_backward`."""
+    order, _off, _cnt, dropped, T, k = check_plan(plan)
+    g = A.float_arg("d_xs", d_xs, ndim=2)
+    if g.shape[0] != order.shape[0]:
+        raise ValueError(f"d_xs must have N = {order.shape[0]} rows (len(plan.order)), "
+                         f"got shape {tuple(g.shape)}")
+    out = A.empty((T, g.shape[1]), g.dtype)
+    pos = inverse_positions(order, dropped, check=True)
+    combine(g, pos, A.dummy(A.compute_dtype(g.dtype), ndim=2), k, out, weighted=False)
+    return out
+
+
+def unpermute_backward(d_y, ys, plan, weights):
+    """Device twin of :func:`numoe.unpermute_backward`."""
+    order, _off, _cnt, dropped, T, k = check_plan(plan)
+    ys = A.float_arg("ys", ys, ndim=2)
+    if ys.shape[0] != order.shape[0]:
+        raise ValueError(f"ys must have N = {order.shape[0]} rows (len(plan.order)), "
+                         f"got shape {tuple(ys.shape)}")
+    H = ys.shape[1]
+    ct = A.compute_dtype(ys.dtype)
+    g = A.float_arg("d_y", d_y, ndim=2)
+    A.check_shape("d_y", g, (T, H))
+    g = A.astype(A.compute(g), ct)
+    wd = A.float_arg("weights", weights, ndim=2)
+    A.check_shape("weights", wd, (T, k))
+    w_dt = wd.dtype
+    w = A.astype(A.compute(wd), ct)
+    Checks().finite("d_y", g).finite("weights", w).run()
+    pos = inverse_positions(order, dropped, check=True)
+    n = order.shape[0]
+    d_ys = A.empty((n, H), ys.dtype)
+    d_w = A.empty((T, k), np.float64)
+    if n and H:
+        bs = A.block(_row_block(H))
+        kern = _unpermute_backward_rows(str(ys.dtype))
+        launch(kern, A.grid(T * bs, bs, 16), bs, 0, g, pos, w, k, A.bits(d_ys))
+    if T:
+        bs = A.block(128)
+        kern = _unpermute_backward_dots(str(ys.dtype))
+        launch(kern, A.grid(T * k, bs, 8), bs, 0, g, A.bits(ys), pos, k, d_w)
+    return d_ys, A.astype(d_w, w_dt)
+
+
+@functools.lru_cache(maxsize=None)
+def _unpermute_backward_rows(dtype):
+    """``d_ys[pos[t*k + j]] = w[t, j] * d_y[t]`` for the kept slots (one block per token);
+    ``d_y``/``w`` in the compute dtype, ``d_ys`` stored as ``dtype`` (16-bit as bits)."""
+    ft = float64 if dtype == "float64" else float32
+    st = _narrow.storer(_narrow.kind_of(np.dtype(dtype)), ft)
+
+    @cuda.jit
+    def kern(d_y, pos, w, k, d_ys):
+        T = d_y.shape[0]
+        H = d_y.shape[1]
+        for t in range(cuda.blockIdx.x, T, cuda.gridDim.x):
+            for j in range(k):
+                p = pos[t * k + j]
+                if p >= 0:
+                    wj = w[t, j]
+                    for h in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+                        d_ys[p, h] = st(wj * d_y[t, h])
+
+    return kern
+
+
+@functools.lru_cache(maxsize=None)
+def _unpermute_backward_dots(dtype):
+    """``d_w[t, j] = d_y[t] . ys[pos[t*k + j]]`` (float64, ascending h; 0 where dropped)."""
+    ld = _narrow.loader(_narrow.kind_of(np.dtype(dtype)))
+
+    @cuda.jit
+    def kern(d_y, ys, pos, k, d_w):
+        H = d_y.shape[1]
+        m = d_w.shape[0] * k
+        for i in range(cuda.grid(1), m, cuda.gridsize(1)):
+            t = i // k
+            j = i - t * k
+            p = pos[i]
+            acc = 0.0
+            if p >= 0:
+                for h in range(H):
+                    acc += float64(d_y[t, h]) * float64(ld(ys[p, h]))
+            d_w[t, j] = acc
+
+    return kern

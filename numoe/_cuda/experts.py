@@ -754,3 +754,311 @@ def _skinny(dtype, kinds, glu, BMS, NT, KC, UN):
                         out[r * uNO + c] = sto(v)
 
     return kern, smem
+
+
+# ------------------------------------------------------------------ backward
+# Device twin of :func:`numoe.expert_ffn_backward`. Per expert, with the gate/up
+# pre-activations ``G``/``U`` recomputed from ``xs`` and ``Q = d_ys @ w_down^T``:
+#   h, dG, dU      one elementwise pass (float64 inside);
+#   d_xs           = [dG | dU] @ [w_gate^T ; w_up^T]   (the grouped kernels above,
+#                    on transposed copies of the weights);
+#   d_w_down[e]    = h_e^T d_ys_e,  d_w_gate[e] = xs_e^T dG_e,  d_w_up[e] = xs_e^T dU_e
+#                    (:func:`_atb_kernel`: every element summed by one thread over the
+#                    expert's rows in ascending order -- no atomics, no split sums);
+#   bias gradients the column sums of dG, dU, d_ys per expert (float64, rows in order).
+# 16-bit operands are widened to float32 first (one copy each, through the
+# widening helper) and the gradients narrowed back at the end, as on the CPU.
+def expert_ffn_backward(xs, offsets, w_gate, w_up, w_down, d_ys, *, activation="silu",
+                        b_gate=None, b_up=None, b_down=None, limit=None, alpha=1.702):
+    """Device twin of :func:`numoe.expert_ffn_backward` (numba device arrays out)."""
+    from ..experts import ExpertGrads, _check_expert_options
+    from ._checks import Checks
+
+    opts = _check_expert_options(activation, limit, alpha, w_up is not None)
+    xs_d = A.float_arg("xs", xs, ndim=2)
+    xdt = xs_d.dtype
+    cdt = np.dtype(np.float64) if xdt == np.float64 else np.dtype(np.float32)
+    N, H = tuple(xs_d.shape)
+    wg_d = A.as_device("w_gate", w_gate)
+    A.check_float("w_gate", wg_d)
+    wshape = tuple(wg_d.shape)
+    if len(wshape) != 3 or wshape[0] < 1 or wshape[1] != H:
+        raise ValueError(f"w_gate must have shape (E, {H}, F) with E >= 1 to match xs "
+                         f"[N, {H}], got {wshape}")
+    E, _, F = wshape
+    wg, sg = _grad_operand("w_gate", wg_d, cdt, (E, H, F))
+    wu, su = _grad_operand("w_up", w_up, cdt, (E, H, F))
+    wd, sd = _grad_operand("w_down", w_down, cdt, (E, F, H))
+    if w_up is None and b_up is not None:
+        raise ValueError("b_up was given but w_up is None (plain FFN experts have no up bias)")
+    bg, sbg = _grad_operand("b_gate", b_gate, cdt, (E, F))
+    bu, sbu = _grad_operand("b_up", b_up, cdt, (E, F))
+    bd, sbd = _grad_operand("b_down", b_down, cdt, (E, H))
+    dy = A.float_arg("d_ys", d_ys, ndim=2)
+    A.check_shape("d_ys", dy, (N, H))
+    dy = A.astype(dy, cdt)
+    Checks().finite("d_ys", dy).run()
+    off = _offsets_checked(offsets, E, N)
+    x = A.astype(xs_d, cdt)
+    g = backward_ffn(x, off, N, wg, wu, wd, bg, bu, bd, opts.code, opts.limit, opts.alpha,
+                     dy)
+    cast = lambda a, dt: None if a is None else A.astype(a, dt)  # noqa: E731
+    return ExpertGrads(cast(g[0], xdt), cast(g[1], sg), cast(g[2], su), cast(g[3], sd),
+                       cast(g[4], sbg), cast(g[5], sbu), cast(g[6], sbd))
+
+
+def _grad_operand(name, a, dtype, shape):
+    """A device operand of the backward as a contiguous ``dtype`` array of ``shape``
+    (16-bit widened: the backward may copy) and its storage dtype; (None, None) for None."""
+    if a is None:
+        return None, None
+    d = A.as_device(name, a)
+    A.check_float(name, d)
+    A.check_shape(name, d, shape)
+    return A.astype(d, dtype), d.dtype
+
+
+def backward_ffn(x, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, dy):
+    """Gradients of a grouped FFN over validated device arrays, all in ``x``'s dtype
+    (float32 or float64). ``off`` is the device ``[E+1]`` offsets and ``N`` its last
+    value. Returns ``(d_xs, d_w_gate, d_w_up, d_w_down, d_b_gate, d_b_up, d_b_down)``
+    (None where the forward had no such input)."""
+    E, H, F = tuple(wg.shape)
+    glu = wu is not None
+    dt = x.dtype
+    F2 = 2 * F if glu else F
+    new = lambda a, shape: None if a is None else A.empty(shape, dt)  # noqa: E731
+    d_xs = A.empty((N, H), dt)
+    d_wg = A.empty((E, H, F), dt)
+    d_wu = new(wu, (E, H, F))
+    d_wd = A.empty((E, F, H), dt)
+    d_bg, d_bu, d_bd = new(bg, (E, F)), new(bu, (E, F)), new(bd, (E, H))
+    dummy = A.dummy(dt)
+    didx = A.dummy(np.int64)
+    hbuf = A.empty((N, F), dt)
+    dgu = A.empty((N, F2), dt)
+    if N:
+        work = _Work(off, N)
+        pre_g = A.empty((N, F), dt)
+        grouped_plain(x, didx, 0, wg, bg if bg is not None else dummy, bg is not None,
+                      ACT_NONE, alpha, didx, dummy, False, pre_g, work)
+        pre_u = pre_g
+        if glu:
+            pre_u = A.empty((N, F), dt)
+            grouped_plain(x, didx, 0, wu, bu if bu is not None else dummy, bu is not None,
+                          ACT_NONE, alpha, didx, dummy, False, pre_u, work)
+        wdt = A.empty((E, H, F), dt)
+        _transpose_into(wd, wdt, 0)
+        q = A.empty((N, F), dt)
+        grouped_plain(dy, didx, 0, wdt, dummy, False, ACT_NONE, alpha, didx, dummy, False,
+                      q, work)
+        del wdt
+        bs = A.block(256)
+        launch(_glu_backward_kernel, A.grid(N * F, bs, 16), bs, 0, pre_g, pre_u, glu, q,
+               code, limit, alpha, hbuf, dgu)
+        del pre_g, pre_u, q
+        wcat = A.empty((E, F2, H), dt)
+        _transpose_into(wg, wcat, 0)
+        if glu:
+            _transpose_into(wu, wcat, F)
+        grouped_plain(dgu, didx, 0, wcat, dummy, False, ACT_NONE, alpha, didx, dummy, False,
+                      d_xs, work)
+        del wcat
+    _atb(hbuf, 0, dy, 0, off, d_wd)
+    _atb(x, 0, dgu, 0, off, d_wg)
+    if glu:
+        _atb(x, 0, dgu, F, off, d_wu)
+    for grad, src, col in ((d_bg, dgu, 0), (d_bu, dgu, F), (d_bd, dy, 0)):
+        if grad is not None:
+            bs = A.block(128)
+            launch(_expert_colsums, A.grid(grad.size, bs, 8), bs, 0, src, col, off, grad)
+    return d_xs, d_wg, d_wu, d_wd, d_bg, d_bu, d_bd
+
+
+def _transpose_into(w, out, c_off):
+    """``out[e, c_off + c, r] = w[e, r, c]`` for ``w [E, R, C]`` (contiguous)."""
+    if w.size:
+        bs = A.block(256)
+        launch(_transpose_kernel, A.grid(w.size, bs, 16), bs, 0, w, c_off, out)
+
+
+def _atb_cfg():
+    """(BI, BJ, BR, TI, TJ) of :func:`_atb_kernel`."""
+    if "atb" in TILE_OVERRIDE:
+        return TILE_OVERRIDE["atb"]
+    if A.SIM:
+        return (4, 4, 4, 2, 2)
+    return (64, 64, 16, 4, 4)
+
+
+def _atb(a, acol, b, bcol, off, out):
+    """``out[e] = a[rows of e, acol:acol+KI]^T @ b[rows of e, bcol:bcol+KJ]`` for
+    ``out [E, KI, KJ]`` (zeros for an expert without rows)."""
+    if out.size == 0:
+        return out
+    BI, BJ, BR, TI, TJ = _atb_cfg()
+    kern, nt, smem = _atb_kernel(str(out.dtype), BI, BJ, BR, TI, TJ)
+    E, KI, KJ = tuple(out.shape)
+    ntask = E * (-(-KI // BI)) * (-(-KJ // BJ))
+    launch(kern, A.grid(ntask * nt, nt, 8), nt, smem, a, acol, b, bcol, off, out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _atb_kernel(dtype, BI, BJ, BR, TI, TJ):
+    """Grouped ``A^T B`` (weight gradients); returns (kernel, threads, shared bytes).
+
+    A block owns one ``BI x BJ`` output tile of one expert and walks the
+    expert's rows ``BR`` at a time through shared memory; each thread keeps a
+    ``TI x TJ`` register block and adds the rows in ascending order, so every
+    element is one fixed-order sum (independent of the tile sizes and the grid).
+    """
+    ft = _ftype(dtype)
+    NTX = BJ // TJ
+    NTY = BI // TI
+    NT = NTX * NTY
+    SA = BR * BI
+    SB = BR * BJ
+    zero = ft(0)
+    smem = (SA + SB) * np.dtype(dtype).itemsize
+
+    @cuda.jit
+    def kern(a, acol, b, bcol, off, out):
+        sm = cuda.shared.array(0, ft)
+        E = out.shape[0]
+        KI = out.shape[1]
+        KJ = out.shape[2]
+        tid = cuda.threadIdx.x
+        tx = tid % NTX
+        ty = tid // NTX
+        acc = cuda.local.array((TI, TJ), ft)
+        ni = (KI + BI - 1) // BI
+        nj = (KJ + BJ - 1) // BJ
+        for task in range(cuda.blockIdx.x, E * ni * nj, cuda.gridDim.x):
+            e = task // (ni * nj)
+            rem = task - e * (ni * nj)
+            i0 = (rem // nj) * BI
+            j0 = (rem - (rem // nj) * nj) * BJ
+            lo = off[e]
+            hi = off[e + 1]
+            for p in range(TI):
+                for q in range(TJ):
+                    acc[p, q] = zero
+            for r0 in range(lo, hi, BR):
+                cuda.syncthreads()            # the previous slice has been consumed
+                for idx in range(tid, SA, NT):
+                    rr = idx // BI
+                    i = i0 + idx - rr * BI
+                    r = r0 + rr
+                    v = zero
+                    if r < hi and i < KI:
+                        v = a[r, acol + i]
+                    sm[idx] = v
+                for idx in range(tid, SB, NT):
+                    rr = idx // BJ
+                    j = j0 + idx - rr * BJ
+                    r = r0 + rr
+                    v = zero
+                    if r < hi and j < KJ:
+                        v = b[r, bcol + j]
+                    sm[SA + idx] = v
+                cuda.syncthreads()
+                nr = min(BR, hi - r0)
+                for rr in range(nr):
+                    for p in range(TI):
+                        av = sm[rr * BI + ty + p * NTY]
+                        for q in range(TJ):
+                            acc[p, q] += av * sm[SA + rr * BJ + tx + q * NTX]
+            for p in range(TI):
+                i = i0 + ty + p * NTY
+                if i < KI:
+                    for q in range(TJ):
+                        j = j0 + tx + q * NTX
+                        if j < KJ:
+                            out[e, i, j] = acc[p, q]
+            cuda.syncthreads()
+
+    return kern, NT, smem
+
+
+@cuda.jit(device=True)
+def act_grad(v, code):
+    """``(act(v), act'(v))`` of a float64 (codes of ``numoe.experts.ACTIVATIONS`` 0-3;
+    relu'(0) = 0)."""
+    if code == 0:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return v * s, s * (1.0 + v * (1.0 - s))
+    if code == 1:
+        c = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
+        return v * c, c + v * math.exp(-0.5 * v * v) * 0.3989422804014327
+    if code == 2:
+        t = math.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
+        return (0.5 * v * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654
+                * (1.0 + 3.0 * 0.044715 * v * v))
+    if v > 0.0:
+        return v, 1.0
+    return 0.0, 0.0
+
+
+@cuda.jit
+def _glu_backward_kernel(pre_g, pre_u, glu, q, code, limit, alpha, h, dgu):
+    """From the pre-activations and ``q = d_ys @ w_down^T``: ``h`` (the hidden
+    activations) and ``dgu[:, :F]`` / ``dgu[:, F:]`` (gradients of the gate / up
+    pre-activations). swiglu_oai's clamps pass the gradient only inside the limits."""
+    N = q.shape[0]
+    F = q.shape[1]
+    for i in range(cuda.grid(1), N * F, cuda.gridsize(1)):
+        r = i // F
+        j = i - r * F
+        g = float64(pre_g[r, j])
+        qj = float64(q[r, j])
+        if not glu:
+            av, dav = act_grad(g, code)
+            h[r, j] = av
+            dgu[r, j] = qj * dav
+            continue
+        u = float64(pre_u[r, j])
+        if code == 4:
+            gc = g if g <= limit else limit
+            uc = u if u <= limit else limit
+            uc = uc if uc >= -limit else -limit
+            sg = 1.0 / (1.0 + math.exp(-alpha * gc))
+            hv = (uc + 1.0) * gc * sg
+            dg = (uc + 1.0) * (sg + alpha * gc * sg * (1.0 - sg)) if g <= limit else 0.0
+            du = gc * sg if (u <= limit and u >= -limit) else 0.0
+        else:
+            av, dav = act_grad(g, code)
+            hv = av * u
+            dg = dav * u
+            du = av
+        h[r, j] = hv
+        dgu[r, j] = qj * dg
+        dgu[r, F + j] = qj * du
+
+
+@cuda.jit
+def _transpose_kernel(w, c_off, out):
+    E = w.shape[0]
+    R = w.shape[1]
+    C = w.shape[2]
+    for i in range(cuda.grid(1), E * R * C, cuda.gridsize(1)):
+        c = i % C
+        t = i // C
+        r = t % R
+        e = t // R
+        out[e, c_off + c, r] = w[e, r, c]
+
+
+@cuda.jit
+def _expert_colsums(a, acol, off, out):
+    """``out[e, j] = sum over the rows of expert e (ascending) of a[r, acol + j]``, float64."""
+    E = out.shape[0]
+    n = out.shape[1]
+    for i in range(cuda.grid(1), E * n, cuda.gridsize(1)):
+        e = i // n
+        j = i - e * n
+        acc = 0.0
+        for r in range(off[e], off[e + 1]):
+            acc += float64(a[r, acol + j])
+        out[e, j] = acc

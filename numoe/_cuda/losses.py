@@ -401,3 +401,113 @@ def _segment_sums(order, offsets, w, out):
         if tid == 0:
             out[e] = sh[0]
         cuda.syncthreads()
+
+
+# ------------------------------------------------------------------ backward
+# Device twins of :func:`numoe.load_balancing_loss_backward` and
+# :func:`numoe.router_z_loss_backward`. The load shares come from the integer
+# histogram above (exact); each output row is written by one thread, float64
+# inside, stored in the compute dtype (16-bit: float32, narrowed at the end).
+def load_balancing_loss_backward(probs, experts, *, mask=None, d_loss=1.0):
+    """Device twin of :func:`numoe.load_balancing_loss_backward`."""
+    p = A.as_device("probs", probs)
+    A.check_float("probs", p)
+    if p.ndim < 2:
+        raise ValueError(f"probs must have shape [..., E], got {tuple(p.shape)}")
+    out_dtype = p.dtype
+    p, lead = A.tokens_2d("probs", p)
+    p = A.compute(p)
+    T, E = tuple(p.shape)
+    ex = A.int_arg("experts", experts)
+    shp = tuple(ex.shape)
+    if len(shp) != len(lead) + 1 or shp[:-1] != tuple(lead) or shp[-1] < 1:
+        raise ValueError(f"experts must have shape {tuple(lead) + ('k',)} with k >= 1 "
+                         f"(one row per token), got {shp}")
+    k = shp[-1]
+    ex2 = A.reshape(ex, (T, k))
+    m = _mask_arg(mask, T)
+    d_loss = V.real("d_loss", d_loss)
+    Checks().finite("probs", p).ids("experts", ex2, E).run()
+    out = A.empty((T, E), p.dtype)
+    n_tok = T if m is None else _count_true(m)
+    if T and E:
+        row = np.zeros(E)
+        if n_tok:
+            c = _hist(A.reshape(ex2, (T * k,)), E, m, k).copy_to_host()
+            row = d_loss * E * (c / (n_tok * k)) / n_tok
+        use_mask = m is not None
+        bs = A.block(256)
+        launch(_fill_rows_kernel, A.grid(T * E, bs, 8), bs, 0, cuda.to_device(row),
+               m if use_mask else A.dummy(np.bool_), use_mask, A.reshape(out, (T * E,)))
+    return A.reshape(A.astype(out, out_dtype), lead + (E,))
+
+
+def router_z_loss_backward(logits, *, mask=None, d_loss=1.0):
+    """Device twin of :func:`numoe.router_z_loss_backward`."""
+    z = A.as_device("logits", logits)
+    A.check_float("logits", z)
+    if z.ndim < 1 or tuple(z.shape)[-1] == 0:
+        raise ValueError(f"logits must have shape [..., E] with E >= 1, got {tuple(z.shape)}")
+    out_dtype = z.dtype
+    z, lead = A.tokens_2d("logits", z, min_ndim=1)
+    z = A.compute(z)
+    T, E = tuple(z.shape)
+    m = _mask_arg(mask, T)
+    d_loss = V.real("d_loss", d_loss)
+    out = A.empty((T, E), z.dtype)
+    if T:
+        n = T if m is None else _count_true(m)
+        coef = 2.0 * d_loss / max(n, 1)
+        bad = A.zeros((1,), np.int64)
+        use_mask = m is not None
+        bs = A.block(128)
+        launch(_z_loss_backward_kernel, A.grid(T, bs, 8), bs, 0, z,
+               m if use_mask else A.dummy(np.bool_), use_mask, coef, out, bad)
+        if int(bad.copy_to_host()[0]):
+            raise ValueError("logits holds NaN or +inf, or a counted row that is -inf for "
+                             "every expert; logsumexp would not be finite")
+    return A.reshape(A.astype(out, out_dtype), lead + (E,))
+
+
+@cuda.jit
+def _fill_rows_kernel(row, mask, use_mask, out):
+    """``out[t, :] = row`` where the token counts, else 0 (``out`` flat ``[T*E]``)."""
+    E = row.shape[0]
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
+        t = i // E
+        if use_mask and not mask[t]:
+            out[i] = 0.0
+        else:
+            out[i] = row[i - t * E]
+
+
+@cuda.jit
+def _z_loss_backward_kernel(z, mask, use_mask, coef, out, bad):
+    """``out[t] = coef * lse(z_t) * softmax(z_t)`` on counted rows (0 elsewhere); ``bad``
+    counts the counted rows holding NaN/+inf or -inf everywhere (integer atomics)."""
+    T = z.shape[0]
+    E = z.shape[1]
+    for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+        bad_row = False
+        mx = -math.inf
+        for e in range(E):
+            v = float64(z[t, e])
+            if not (v < math.inf):          # NaN or +inf
+                bad_row = True
+            elif v > mx:
+                mx = v
+        if mx == -math.inf:
+            bad_row = True
+        counted = (not use_mask) or mask[t]
+        if bad_row or not counted:
+            if counted:
+                cuda.atomic.add(bad, 0, 1)
+            for e in range(E):
+                out[t, e] = 0.0
+            continue
+        tot = 0.0
+        for e in range(E):
+            tot += math.exp(float64(z[t, e]) - mx)
+        f = coef * (mx + math.log(tot)) / tot
+        for e in range(E):
+            out[t, e] = f * math.exp(float64(z[t, e]) - mx)

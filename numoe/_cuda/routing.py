@@ -398,3 +398,177 @@ def _probs_kernel(z, sigm, out, res):
                 total += x
             for e in range(E):        # as the CPU: the stored exp, divided in float64
                 out[t, e] = float64(out[t, e]) / total
+
+
+# ------------------------------------------------------------------ backward
+# Device twins of :func:`numoe.router_probs_backward` and
+# :func:`numoe.route_backward`: one thread per token row, float64 inside, the
+# same formulas and summation orders as :mod:`numoe._cpu.routing` (scores
+# recomputed from the logits; the score gradient of a repeated expert id is
+# summed in slot order). Bad rows are reported through the status buffer of
+# the forward (same messages).
+def _grad_rows(name, a, lead, E):
+    """A device float array of shape ``lead + (E,)`` as a contiguous ``[T, E]`` array in
+    its compute dtype (16-bit widened to float32)."""
+    d = A.as_device(name, a)
+    A.check_float(name, d)
+    if tuple(d.shape) != tuple(lead) + (E,):
+        raise ValueError(f"{name} must have the shape of logits {tuple(lead) + (E,)}, "
+                         f"got {tuple(d.shape)}")
+    d = A.compute(d)
+    T = int(np.prod(lead)) if lead else 1
+    return A.reshape(d, (T, E))
+
+
+def router_probs_backward(logits, d_probs, *, score="softmax"):
+    """Device twin of :func:`numoe.router_probs_backward`."""
+    from ..routing import SCORES
+
+    V.choice("score", score, SCORES)
+    z, lead = _check_logits(logits)
+    out_dtype = z.dtype
+    z = A.compute(z)
+    T, E = tuple(z.shape)
+    g = _grad_rows("d_probs", d_probs, lead, E)
+    Checks().finite("d_probs", g).run()
+    out = A.empty((T, E), z.dtype)
+    if T:
+        res = A.zeros((2,), np.int64)
+        bs = A.block(128)
+        launch(_probs_backward_kernel, A.grid(T, bs, 8), bs, 0, z, g, score == "sigmoid",
+               out, res)
+        _raise_status("logits", res.copy_to_host())
+    return A.reshape(A.astype(out, out_dtype), lead + (E,))
+
+
+def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=True,
+                   scale=1.0):
+    """Device twin of :func:`numoe.route_backward`."""
+    from ..routing import SCORES
+
+    if not isinstance(routing, tuple) or len(routing) != 2:
+        raise TypeError("routing must be a numoe.Routing (weights, experts) from route(), "
+                        f"got {type(routing).__name__}")
+    V.choice("score", score, SCORES)
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    scale = V.real("scale", scale)
+    z, lead = _check_logits(logits)
+    out_dtype = z.dtype
+    z = A.compute(z)
+    T, E = tuple(z.shape)
+    ex = A.int_arg("routing.experts", routing[1])
+    shp = tuple(ex.shape)
+    if len(shp) != len(lead) + 1 or shp[:-1] != tuple(lead) or shp[-1] < 1:
+        raise ValueError(f"routing.experts must have shape {tuple(lead) + ('k',)} with "
+                         f"k >= 1, got {shp}")
+    k = shp[-1]
+    ex = A.reshape(ex, (T, k))
+    dw = A.as_device("d_weights", d_weights)
+    A.check_float("d_weights", dw)
+    if tuple(dw.shape) != tuple(lead) + (k,):
+        raise ValueError(f"d_weights must have shape {tuple(lead) + (k,)} (that of "
+                         f"routing.experts), got {tuple(dw.shape)}")
+    dw = A.reshape(A.astype(dw, np.float64), (T, k))
+    Checks().ids("routing.experts", ex, E).finite("d_weights", dw).run()
+    out = A.empty((T, E), z.dtype)
+    if T:
+        res = A.zeros((2,), np.int64)
+        bs = A.block(128)
+        launch(_route_backward_kernel, A.grid(T, bs, 8), bs, 0, z, ex, dw, score == "sigmoid",
+               bool(renormalize), scale, out, res)
+        _raise_status("logits", res.copy_to_host())
+    return A.reshape(A.astype(out, out_dtype), lead + (E,))
+
+
+@cuda.jit(device=True)
+def _row_max_sum(row, E):
+    """``(max, sum of exp(z - max))`` of a softmax row (float64; the row has a finite entry)."""
+    m = -np.inf
+    for e in range(E):
+        v = float64(row[e])
+        if v > m:
+            m = v
+    total = 0.0
+    for e in range(E):
+        total += math.exp(float64(row[e]) - m)
+    return m, total
+
+
+@cuda.jit
+def _probs_backward_kernel(z, g, sigm, out, res):
+    """``out[t] = s * (g - g.s)`` (softmax) or ``g * s * (1 - s)`` (sigmoid), float64."""
+    T = z.shape[0]
+    E = z.shape[1]
+    for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+        row = z[t]
+        st = _row_status(row, E, not sigm)
+        if st != OK:
+            _record(res, t, st)
+            continue
+        if sigm:
+            for e in range(E):
+                s = _sigmoid(float64(row[e]))
+                out[t, e] = float64(g[t, e]) * s * (1.0 - s)
+            continue
+        m, total = _row_max_sum(row, E)
+        dot = 0.0
+        for e in range(E):
+            dot += float64(g[t, e]) * (math.exp(float64(row[e]) - m) / total)
+        for e in range(E):
+            s = math.exp(float64(row[e]) - m) / total
+            out[t, e] = s * (float64(g[t, e]) - dot)
+
+
+@cuda.jit
+def _route_backward_kernel(z, experts, dw, sigm, renorm, scale, out, res):
+    """``out[t]`` = d logits of row ``t``'s routing weights (chosen experts fixed)."""
+    T = z.shape[0]
+    E = z.shape[1]
+    K = experts.shape[1]
+    for t in range(cuda.grid(1), T, cuda.gridsize(1)):
+        row = z[t]
+        st = _row_status(row, E, not sigm)
+        if st != OK:
+            _record(res, t, st)
+            continue
+        m = 0.0
+        total = 1.0
+        if not sigm:
+            m, total = _row_max_sum(row, E)
+        tot = 0.0
+        corr = 0.0
+        if renorm:
+            dot = 0.0
+            for j in range(K):
+                sc = _score(row, experts[t, j], sigm, m, total)
+                tot += sc
+                dot += dw[t, j] * scale * sc
+            tot += 1e-20
+            corr = dot / (tot * tot)
+        # g_e = sum over the slots j choosing e (in slot order) of the score gradient
+        gs = 0.0
+        for e in range(E):
+            ge = 0.0
+            for j in range(K):
+                if experts[t, j] == e:
+                    if renorm:
+                        ge += dw[t, j] * scale / tot - corr
+                    else:
+                        ge += dw[t, j] * scale
+            if sigm:
+                s = _sigmoid(float64(row[e]))
+                out[t, e] = ge * s * (1.0 - s)
+            else:
+                gs += ge * _score(row, e, sigm, m, total)
+        if not sigm:
+            for e in range(E):
+                ge = 0.0
+                for j in range(K):
+                    if experts[t, j] == e:
+                        if renorm:
+                            ge += dw[t, j] * scale / tot - corr
+                        else:
+                            ge += dw[t, j] * scale
+                s = _score(row, e, sigm, m, total)
+                out[t, e] = s * (ge - gs)
