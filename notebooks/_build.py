@@ -630,10 +630,185 @@ cache) cover the rest; `numoe bench --dtype bfloat16` and
 `numoe bench --weights int8` run the same tables at lower precision."""),
 ]
 
+# --------------------------------------------------------------------------- 04
+TRAINING = [
+    ("md", """\
+# numoe 04 — training an MoE layer in NumPy
+
+`layer.backward(x, info, d_y, aux_loss_coef=..., z_loss_coef=...)` returns the
+gradient of `sum(y * d_y) + aux_loss_coef * aux_loss + z_loss_coef * z_loss`
+with respect to the input and every array of `layer.parameters()` — the live
+arrays the layer computes with, so an optimizer step done in place changes
+the next forward. Nothing here needs PyTorch: a few lines of NumPy make an
+Adam optimizer.
+
+The task is a teacher-student regression with structure for experts to
+find: tokens come from 8 clusters, and each cluster has its own linear map
+`y = x @ A_c`. A student MoE layer (8 experts, top-2) learns it three ways:
+
+1. **no balancing** — the routing is whatever the gradients make it;
+2. **auxiliary loss** — the Switch load-balancing loss added to the
+   objective (`aux_loss_coef`), which pulls the router's scores toward an
+   even load;
+3. **aux-loss-free** (DeepSeek-V3) — no extra loss: after each step,
+   `numoe.update_bias` nudges a selection-only bias against the load.
+
+We watch the loss, the load per expert and, at the end, which clusters each
+expert serves."""),
+    ("code", SETUP + """import numba
+
+# a tiny layer: one thread avoids the parallel start-up cost of each call
+# (on a busy machine it dominates at this size)
+numba.set_num_threads(1)
+
+H, E, k, F, C = 16, 8, 2, 16, 8           # hidden, experts, top-k, expert width, clusters
+rng = np.random.default_rng(0)
+centers = rng.normal(0, 2.0, (C, H))
+maps = rng.normal(0, 1 / np.sqrt(H), (C, H, H))
+
+
+def data(n, seed):
+    \"\"\"n tokens: cluster ids, inputs around the cluster centres, targets x @ A_c.\"\"\"
+    g = np.random.default_rng(seed)
+    c = g.integers(0, C, n)
+    x = centers[c] + g.normal(0, 1, (n, H))
+    y = np.einsum("nh,nhj->nj", x, maps[c])
+    return x.astype(np.float32), y.astype(np.float32), c
+
+
+x_val, y_val, c_val = data(2048, 10**6)
+cfg = numoe.MoEConfig(E, k, H, F, selection_bias=True)    # softmax top-2, SwiGLU experts
+
+
+class Adam:
+    \"\"\"Adam on a dict of live arrays, updated in place.\"\"\"
+
+    def __init__(self, params, lr=3e-3, b1=0.9, b2=0.999, eps=1e-8):
+        self.p, self.lr, self.b1, self.b2, self.eps, self.t = params, lr, b1, b2, eps, 0
+        self.m = {n: np.zeros_like(a) for n, a in params.items()}
+        self.v = {n: np.zeros_like(a) for n, a in params.items()}
+
+    def step(self, grads):
+        self.t += 1
+        for n, p in self.p.items():
+            g = grads[n]
+            self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
+            self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * g * g
+            m = self.m[n] / (1 - self.b1 ** self.t)
+            v = self.v[n] / (1 - self.b2 ** self.t)
+            p -= (self.lr * m / (np.sqrt(v) + self.eps)).astype(p.dtype)   # in place
+
+
+def train(aux=0.0, rate=0.0, steps=200, batch=256, seed=1):
+    \"\"\"Train a fresh student; `aux`: aux-loss coefficient, `rate`: update_bias rate.\"\"\"
+    layer = numoe.MoELayer.random(cfg, seed=seed)
+    opt = Adam(layer.parameters())
+    hist = {"loss": [], "load": [], "val_step": [], "val": [], "balance": []}
+    for step in range(steps):
+        x, y, _ = data(batch, step)
+        out, info = layer.forward(x, return_info=True)
+        err = out - y
+        hist["loss"].append(float(np.mean(err ** 2)))
+        grads = layer.backward(x, info, 2 * err / err.size, aux_loss_coef=aux)
+        opt.step(grads)
+        counts = info["stats"]["counts"]
+        hist["load"].append(counts / counts.sum())
+        if rate:   # aux-loss-free balancing: a selection-only bias against the load
+            layer.selection_bias = numoe.update_bias(layer.selection_bias, counts,
+                                                     rate / np.sqrt(1 + step / 10))
+        if step % 10 == 0 or step == steps - 1:
+            yv, iv = layer.forward(x_val, return_info=True)
+            hist["val_step"].append(step)
+            hist["val"].append(float(np.mean((yv - y_val) ** 2)))
+            hist["balance"].append(iv["stats"]["balancedness"])
+    return layer, hist
+"""),
+    ("code", """\
+import time
+
+runs = {}
+for name, kw in [("no balancing", {}), ("aux loss (coef 1.0)", {"aux": 1.0}),
+                 ("update_bias (rate 0.003)", {"rate": 0.003})]:
+    t0 = time.perf_counter()
+    runs[name] = train(**kw)
+    h = runs[name][1]
+    print(f"{name:26s} val MSE {h['val'][0]:7.3f} -> {h['val'][-1]:.3f}   "
+          f"balancedness (mean/max load on the validation set) {h['balance'][0]:.2f} -> "
+          f"{h['balance'][-1]:.2f}   ({time.perf_counter() - t0:.1f} s)")
+"""),
+    ("md", """\
+## Loss and load over training
+
+Left: the validation MSE (all three learn the task). Middle: the
+balancedness of the load on the validation set, mean over max assignments
+per expert (1.0 is perfectly even). Right: each run's share of the
+assignments per expert over the training steps."""),
+    ("code", """\
+fig, axes = plt.subplots(1, 3, figsize=(16, 3.6))
+for name, (layer, h) in runs.items():
+    axes[0].semilogy(h["val_step"], h["val"], label=name)
+    axes[1].plot(h["val_step"], h["balance"], label=name)
+axes[0].set_xlabel("step"); axes[0].set_title("validation MSE"); axes[0].legend()
+axes[1].set_xlabel("step"); axes[1].set_title("balancedness (mean / max load)")
+axes[1].set_ylim(0, 1.05); axes[1].legend()
+share = np.concatenate([np.array(h["load"]).T for _, h in runs.values()], axis=0)
+im = axes[2].imshow(share, aspect="auto", cmap="magma", vmin=0, vmax=2.5 / E)
+for i in range(1, len(runs)):
+    axes[2].axhline(i * E - 0.5, color="w", lw=2)
+axes[2].set_yticks([E * i + E / 2 - 0.5 for i in range(len(runs))], list(runs), fontsize=7)
+axes[2].set_xlabel("step"); axes[2].set_title("share of assignments per expert (rows)")
+fig.colorbar(im, ax=axes[2], fraction=0.04)
+fig.tight_layout()
+"""),
+    ("md", """\
+## What the experts specialise in
+
+For each run, the share of a cluster's assignments (rows) that each expert
+(columns) receives on the validation set. A cluster sends each token to 2
+experts, so a row of two cells at 0.5 is a cluster owned by one pair of
+experts."""),
+    ("code", """\
+fig, axes = plt.subplots(1, len(runs), figsize=(15, 3.8))
+for ax, (name, (layer, h)) in zip(axes, runs.items()):
+    r = layer.forward(x_val, return_info=True)[1]["routing"]
+    spec = np.zeros((C, E))
+    for j in range(k):
+        np.add.at(spec, (c_val, r.experts[:, j]), 1)
+    spec /= spec.sum(axis=1, keepdims=True)
+    ax.imshow(spec, cmap="Blues", vmin=0, vmax=0.5)
+    for (i, j), v in np.ndenumerate(spec):
+        if v >= 0.05:
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if v > 0.3 else "k")
+    ax.set_xlabel("expert"); ax.set_ylabel("cluster"); ax.set_title(name)
+    load = numoe.expert_counts(r.experts, E)
+    print(f"{name:26s} assignments per expert: {load.tolist()}")
+fig.tight_layout()
+"""),
+    ("md", """\
+The clusters are learned as units: most rows concentrate on a few experts,
+so each expert serves a handful of clusters — the routing is learned from
+the regression loss alone, through `route_backward` (the gradient of the
+combine weights, with the chosen experts held fixed).
+
+The two balancing methods act differently. The auxiliary loss changes the
+router's *scores* (and so the combine weights) to spread the load; its
+coefficient trades balance against the task loss. `update_bias` never
+touches the gradients: it only shifts which experts are *chosen*, and the
+combine weights stay the router's own scores — it is why DeepSeek-V3 calls
+it auxiliary-loss-free. The rate shrinks like `1/sqrt(step)` so the bias
+settles instead of jittering (see notebook 02).
+
+Every gradient here is bit-identical for any number of threads, and
+matches PyTorch autograd through the Hugging Face blocks
+(`tests/test_parity_backward.py`)."""),
+]
+
 NOTEBOOKS = {
     "01_routing_tour.ipynb": ROUTING_TOUR,
     "02_load_balancing.ipynb": LOAD_BALANCING,
     "03_performance.ipynb": PERFORMANCE,
+    "04_training.ipynb": TRAINING,
 }
 
 

@@ -1058,6 +1058,9 @@ def _fmt(v, kind, spread=None):
     return str(v)
 
 
+# columns left out of a table where no row has a value (the parity extra is not installed)
+_OPTIONAL_COLUMNS = ("hf_", "speedup", "torch_")
+
 # (key, column header, format) per suite; a "ms" column shows its key's ``_spread``
 COLUMNS = {
     "layers": [("name", "row", "s"), ("T", "T", "s"), ("E", "E", "s"), ("k", "k", "s"),
@@ -1065,14 +1068,15 @@ COLUMNS = {
                ("rel_err", "rel err", "e"), ("check", "check", "s"),
                ("numoe_s", "numoe ms", "ms"), ("tokens_per_s", "tok/s", "f"),
                ("gflops", "GFLOP/s", "f"), ("pct_blas", "%BLAS", "%"),
-               ("ref_s", "ref ms", "ms"), ("ref_speedup", "speedup vs ref", "x"),
+               ("ref_s", "ref ms", "ms"), ("ref_speedup", "numoe speedup vs ref (>1: faster)", "x"),
                ("hf_eager_s", "HF eager ms", "ms"),
                ("hf_grouped_s", "HF grouped_mm ms", "ms"), ("hf_err", "HF err", "e"),
-               ("speedup", "speedup vs HF (>1: numoe faster)", "x")],
+               ("speedup", "numoe speedup vs HF (>1: faster)", "x")],
     "routing": [("E", "E", "s"), ("k", "k", "s"), ("route_s", "route ms", "ms"),
-                ("ref_route_s", "ref ms", "ms"), ("ref_ratio", "speedup vs ref", "x"),
+                ("ref_route_s", "ref ms", "ms"),
+                ("ref_ratio", "numoe speedup vs ref (>1: faster)", "x"),
                 ("torch_route_s", "torch ms", "ms"),
-                ("torch_ratio", "speedup vs torch (>1: numoe faster)", "x"),
+                ("torch_ratio", "numoe speedup vs torch (>1: faster)", "x"),
                 ("experts_equal", "= ref", "s"), ("plan_s", "plan ms", "ms"),
                 ("H", "H", "s"), ("permute_s", "permute ms", "ms"),
                 ("unpermute_s", "unpermute ms", "ms"),
@@ -1109,15 +1113,15 @@ def legend(rows, suite):
             "%BLAS: numoe's GFLOP/s over NumPy's BLAS GEMM rate (2048^3 np.matmul, float32 "
             "for 16-bit dtypes; the better of two runs, before and after the table"
             f"{blas}).",
-            "speedup vs ref / vs HF: the other's time / numoe's time: above 1, numoe is "
+            "numoe speedup vs ref / vs HF: the other's time / numoe's time: above 1, numoe is "
             "faster (HF: the faster of HF eager and grouped_mm).",
-            "HF err: rel err of the Hugging Face block against the same reference.",
-        ]
+        ] + (["HF err: rel err of the Hugging Face block against the same reference."]
+             if any(r.get("hf_err") is not None for r in rows) else [])
     if suite == "routing":
         return [
             "ms: median time per call [min-max over the samples] (short calls are batched so "
             "each sample lasts >= 1 ms).",
-            "speedup vs ref / vs torch: their time / numoe's time: above 1, numoe is faster.",
+            "numoe speedup vs ref / vs torch: their time / numoe's time: above 1, numoe is faster.",
             "= ref: numoe chose exactly the reference's experts (PASS/FAIL).",
             "copy floor: np.copyto of the same [T*k, H] bytes (the faster of two runs, before "
             "and after the permutes); permute/floor: 1.00x = at the floor.",
@@ -1167,10 +1171,25 @@ def _row_label(r, suite):
     return f"E={r['E']} k={r['k']}"
 
 
+def _roof_warnings(rows):
+    """A warning when a roof measured before and after the rows moved by over 20 %."""
+    out = []
+    r0 = rows[0] if rows else {}
+    for key, what, unit in (("blas_gflops", "BLAS GEMM rate", "GFLOP/s"),
+                            ("bandwidth_gbs", "read bandwidth", "GB/s")):
+        a, b = r0.get(key + "_before"), r0.get(key + "_after")
+        if a and b and max(a, b) > 1.2 * min(a, b):
+            out.append(f"the {what} moved from {a:.1f} to {b:.1f} {unit} during the run: "
+                       f"the machine's load changed, figures are noisy")
+    return out
+
+
 def format_table(rows, suite, *, with_legend=True):
     """Rows as an aligned text table (first column left-aligned, the rest right),
     followed by the rows' notes, warnings about noisy timings and the legend."""
-    cols = COLUMNS[suite]
+    cols = [c for c in COLUMNS[suite]       # HF/torch columns only where something was timed
+            if not c[0].startswith(_OPTIONAL_COLUMNS) or any(r.get(c[0]) is not None
+                                                             for r in rows)]
     cells = [[head for _, head, _ in cols]]
     for r in rows:
         r = dict(r, storage=_storage(r))
@@ -1184,10 +1203,14 @@ def format_table(rows, suite, *, with_legend=True):
         return "  ".join([c[0].ljust(widths[0])] +
                          [c[i].rjust(widths[i]) for i in range(1, len(c))])
     lines = [line(cells[0]), line(["-" * w for w in widths])] + [line(c) for c in cells[1:]]
-    notes = [f"{_row_label(r, suite)}: {note}" for r in rows for note in r.get("notes", ())]
+    common = [n for n in (rows[0].get("notes", ()) if len(rows) > 1 else ())
+              if all(n in r.get("notes", ()) for r in rows)]
+    notes = [f"every row: {note}" for note in common]
+    notes += [f"{_row_label(r, suite)}: {note}" for r in rows for note in r.get("notes", ())
+              if note not in common]
     lines += [f"  note: {n}" for n in notes]
     keys = [key for key, _, kind in cols if kind == "ms"]
-    lines += [f"  WARNING: {w}" for w in noise_warnings(rows, keys)]
+    lines += [f"  WARNING: {w}" for w in noise_warnings(rows, keys) + _roof_warnings(rows)]
     if with_legend:
         lines += [f"  legend: {line}" if i == 0 else f"          {line}"
                   for i, line in enumerate(legend(rows, suite))]
@@ -1228,7 +1251,7 @@ def plot(rows, suite, path, title=""):
     nrows = -(-n // ncols)
     panel_h = 0.42 * max(1, len(series)) + 1.1
     head = [_PLOT_TITLES.get(suite, suite)] + (textwrap.wrap(title, 100) if title else [])
-    head_h = 0.22 * len(head) + 0.25
+    head_h = 0.22 * len(head) + 0.55
     fig_h = panel_h * nrows + head_h
     fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, fig_h), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -1250,7 +1273,8 @@ def plot(rows, suite, path, title=""):
         ax.invert_yaxis()
         ax.set_xlim(0, right * 1.45)
         for y, v, h in zip(ys, vals, hi):
-            ax.text(v + h + right * 0.02, y, f"{v:.3g} ms", va="center", fontsize=8)
+            ax.text(v + h + right * 0.02, y, f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms",
+                    va="center", fontsize=8)
         ax.set_title(_plot_panel_title(r, suite), fontsize=8.5)
         ax.set_xlabel("ms per call (lower is better; whiskers: quartiles)", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -1268,10 +1292,12 @@ def _plot_panel_title(r, suite):
     if suite == "layers":
         parts = [f"{label}: T={r['T']}, E={r['E']}, k={r['k']}, H={r['H']}, F={r['F']}, "
                  f"{_storage(r)}, {r.get('check', '')}"]
-        if r.get("speedup") is not None:
-            parts.append(f"numoe {r['speedup']:.2f}x faster than HF's best"
-                         if r["speedup"] >= 1 else
-                         f"numoe {1 / r['speedup']:.2f}x slower than HF's best")
+        ratio, other = r.get("speedup"), "HF's best"
+        if ratio is None:
+            ratio, other = r.get("ref_speedup"), "the NumPy reference"
+        if ratio is not None:
+            parts.append(f"numoe {ratio:.2f}x faster than {other}" if ratio >= 1 else
+                         f"numoe {1 / ratio:.2f}x slower than {other}")
         return "\n".join(parts)
     if suite == "latency":
         return f"{r['shape']}: p50 = {r['p50_over_floor']:.2f}x the read floor"
@@ -1443,6 +1469,6 @@ COLUMNS["train"] = [
     ("numoe_s", "numoe fwd+bwd ms", "ms"), ("hf_eager_s", "HF eager ms", "ms"),
     ("hf_grouped_s", "HF grouped_mm ms", "ms"), ("dx_err", "d_x err vs HF", "e"),
     ("numoe_mem", "numoe MiB", "mib"), ("hf_mem", "HF MiB", "mib"),
-    ("speedup", "speedup vs HF (>1: numoe faster)", "x")]
+    ("speedup", "numoe speedup vs HF (>1: faster)", "x")]
 PLOT_SERIES["train"] = [("numoe_s", "numoe fwd+bwd"), ("hf_eager_s", "HF eager fwd+bwd"),
                         ("hf_grouped_s", "HF grouped_mm fwd+bwd")]

@@ -25,7 +25,13 @@ plan's order, and each owner's receive datatype scatters them straight
 into expert-major order, so neither side copies rows beyond that send
 buffer; the return trip uses the same datatypes the other way round.
 
-mpi4py is imported on first use: ``import numoe`` does not need it.
+:meth:`ExpertParallel.backward` reverses the trips: output gradients and
+routing weights go to the owners, input gradients and routing-weight
+gradients come back, and the replicated weights' gradients are summed over
+the ranks in rank order.
+
+mpi4py is imported on first use: ``import numoe`` does not need it. See
+docs/distributed.md for running on a cluster and the cost model.
 """
 from __future__ import annotations
 
@@ -151,7 +157,11 @@ class ExpertParallel:
     outputs are bit for bit the same given the same router logits; the
     router logits and the shared experts are products over a rank's own
     rows, whose BLAS blocking follows the rank's token count, so they (and
-    hence ``y``) can differ from one process in the last bits.
+    hence ``y``) can differ from one process in the last bits; with
+    ``MoELayer(..., batch_invariant=True)`` every product is row-independent
+    and ``y`` is bit-identical to one process. :meth:`backward` gives the
+    gradients of ``layer.backward`` on the concatenated batch the same way.
+    Host (NumPy) layers and arrays only in this version.
 
     Examples
     --------

@@ -727,7 +727,8 @@ class MoELayer:
         from .routing import route_backward, router_probs_backward
 
         if self._device or _on_device(x):
-            raise NotImplementedError("backward of a device layer is not supported yet")
+            return cuda_module("moe_backward").backward(
+                self, x, info, d_y, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
         cfg = self.config
         x2, lead = self._host_tokens(x)
         T, H = x2.shape

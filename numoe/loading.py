@@ -13,7 +13,7 @@ Three entry points, reached through the classmethods of :class:`numoe.MoELayer`:
 Quantized checkpoints as published are read too: block-wise FP8 weights
 with their ``weight_scale_inv`` (DeepSeek-V3, ``quant_method: fp8``) and
 MXFP4 experts (gpt-oss, ``*_blocks`` / ``*_scales``) are dequantized to
-bfloat16 (or ``dtype=``) on load (:func:`dequantize_fp8`,
+bfloat16 (or ``weight_dtype=``) on load (:func:`dequantize_fp8`,
 :func:`dequantize_mxfp4`).
 
 Seven families (the ``model_type`` of a transformers ``config.json``):
@@ -22,7 +22,8 @@ Seven families (the ``model_type`` of a transformers ``config.json``):
 ``[out, in]``; numoe uses the "x @ W" layout (``[in, out]``), so every
 matrix is transposed once, straight into the layer's fused gate/up buffer.
 Weights keep their stored dtype (bfloat16 stays ``ml_dtypes.bfloat16``)
-unless ``dtype=`` asks for another.
+unless ``weight_dtype=`` asks for another; ``dtype=`` sets the layer's
+activation dtype (see :class:`numoe.MoELayer`).
 
 torch is touched only through the objects the caller passes (duck typing);
 this module imports neither torch nor transformers.
@@ -33,6 +34,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -49,7 +51,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_os
 _ALIASES = {"switch": "switch_transformers", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
             "deepseekv3": "deepseek_v3", "gptoss": "gpt_oss"}
 
-# transformers block classes (v4 and v5 names) -> family
+# transformers block classes (the same names in transformers 4 and 5) -> family
 BLOCK_CLASSES = {
     "MixtralSparseMoeBlock": "mixtral",
     "Qwen2MoeSparseMoeBlock": "qwen2_moe",
@@ -599,6 +601,10 @@ def _attr(name, *objs):
 
 def _block_config(fam, block, src):
     """MoEConfig of an HF block, from its tensors' shapes and its routing attributes."""
+    if getattr(block, "training", False):
+        warnings.warn(f"{type(block).__name__} is in training mode: numoe computes the "
+                      "inference forward (no router jitter, no dropout); call "
+                      "model.eval() to silence this", UserWarning, stacklevel=4)
     names = NAMES[fam]
     if not src.has(names.router):
         raise ValueError(f"block has no {names.router!r} parameter")
@@ -640,7 +646,6 @@ def _block_config(fam, block, src):
     tg = int(_attr("topk_group", gate, hf_cfg))
     scale = float(_attr("routed_scaling_factor", gate, hf_cfg))
     shared = names.shared + "gate_proj.weight"
-    kw = {}
     if src.has(shared):
         S = src.get(shared).shape[0]
         kw = dict(num_shared_experts=max(1, S // F), shared_expert_dim=S)

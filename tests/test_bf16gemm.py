@@ -1,11 +1,17 @@
-"""Tests for numoe._cpu.bf16gemm: the bf16 prefill product on both ISA paths.
+"""Tests for numoe._cpu.bf16gemm: the bf16 prefill product on every ISA path.
+
+The AMX and AVX512-BF16 paths are skipped on CPUs without them; the
+fallback is forced with ``force="fallback"`` and runs everywhere (CI on a
+CPU without the bf16 instructions runs the fallback only; to rehearse that
+here: ``NUMBA_CPU_NAME=znver3 python -m pytest tests/test_bf16gemm.py``).
 
 Oracle: float64 NumPy on the *bf16-rounded* activations and the bf16 weight
-(both paths multiply exactly those values). Tolerance: both paths sum K
-float32-rounded terms (``vdpbf16ps`` adds a pair per step), so the classic
-recursive-summation bound gives
+(every path multiplies exactly those values; bf16 products are exact in
+float32). Tolerance: each path adds K products in float32, at most one
+rounding per addition (``vdpbf16ps`` / ``tdpbf16ps`` add a pair per step), so
+the recursive-summation bound gives
 ``|out - ref| <= (K + 2) * 2**-24 * (|a| @ |w|)`` elementwise; test data have
-no bf16 subnormals (which ``vdpbf16ps`` flushes).
+no bf16 subnormals (which the bf16 instructions flush).
 """
 from __future__ import annotations
 

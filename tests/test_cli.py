@@ -194,7 +194,8 @@ def test_bench_layers_tiny(capsys, tmp_path):
     assert "peak RSS" in out
     table = _table_lines(out)
     assert len(table) == 2 + 2 and len({len(line) for line in table}) == 1   # aligned
-    assert "(>1: numoe faster)" in table[0] and "check" in table[0]
+    assert "numoe speedup vs ref (>1: faster)" in table[0] and "check" in table[0]
+    assert "HF eager" not in table[0]         # --no-hf: no empty HF columns
     assert all(" PASS " in line for line in table[2:])
     assert "legend: " in out and "%BLAS" in out and "tolerance" in out
     data = json.loads(jpath.read_text())

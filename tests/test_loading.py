@@ -704,6 +704,10 @@ def test_from_hf_accepts_decoder_layer_and_rejects_others(hf_models):
     assert layer.config == MoELayer.from_hf(model.model.layers[1].mlp).config
     with pytest.raises(TypeError, match="block"):
         MoELayer.from_hf(model.model.layers[1].self_attn)
+    block = build_model("mixtral")
+    block = moe_block(block.train(), "mixtral")
+    with pytest.warns(UserWarning, match="training mode"):
+        MoELayer.from_hf(block)
 
 
 @parity
@@ -849,7 +853,7 @@ def test_from_hf_transformers4_style_block(hf_models):
             self.gate = nn.Linear(H_, E_, bias=False)
             self.experts = nn.ModuleList([Expert() for _ in range(E_)])
 
-    old = MixtralSparseMoeBlock()
+    old = MixtralSparseMoeBlock().eval()
     with torch.no_grad():
         old.gate.weight.copy_(fused.gate.weight)
         for e, ex in enumerate(old.experts):

@@ -335,23 +335,56 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
                          sval, work, N, F)):
         return out
+    dec = gemm != "numba" and not force and _decode_ok(work, wg, wu, wd)
+    only = "tiled" if dec else None
+    kd = kdiv if gidx is not None else 0
     # layer 1: gate (+up) with the activation
     if glu:
-        grouped_glu(a, g_idx, kdiv if gidx is not None else 0, wg, wu,
+        grouped_glu(a, g_idx, kd, wg, wu,
                     bg if bg is not None else dummy, bg is not None,
                     bu if bu is not None else dummy, bu is not None,
-                    code, limit, alpha, hbuf, work)
+                    code, limit, alpha, hbuf, work, only)
     else:
-        grouped_plain(a, g_idx, kdiv if gidx is not None else 0, wg,
+        grouped_plain(a, g_idx, kd, wg,
                       bg if bg is not None else dummy, bg is not None, code, alpha,
-                      didx, dummy, False, hbuf, work)
+                      didx, dummy, False, hbuf, work, only)
+    if dec:
+        _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None,
+                      hbuf, work)
     # layer 2: down projection (+bias, x routing weight)
     grouped_plain(hbuf, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
-                  ACT_NONE, alpha, s_idx, s_val, sidx is not None, out, work)
+                  ACT_NONE, alpha, s_idx, s_val, sidx is not None, out, work, only)
+    if dec:
+        _decode_layer(False, hbuf, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx,
+                      sval, out, work)
+    desc = work.describe().replace("skinny", "gemv16") if dec else work.describe()
     last_path.clear()
-    last_path.update({"up": work.describe(), "down": work.describe(), "gemm": "numba",
-                      "work": work})
+    last_path.update({"up": desc, "down": desc, "gemm": "numba", "work": work})
     return out
+
+
+def _decode_ok(work, wg, wu, wd):
+    """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?"""
+    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
+        return False
+    from . import decode
+
+    E, H, F = tuple(wg.shape)
+    return (decode.usable(wg, F) and (wu is None or decode.usable(wu, F))
+            and decode.usable(wd, H))
+
+
+def _decode_layer(first, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, out,
+                  work):
+    """One layer of the few-row experts through the 16-bit GEMV. ``first``: the gate
+    (+up) layer (GLU when ``w2`` is given), else the down projection with the scale."""
+    from . import decode
+
+    bms = _skinny_cfg()[0]
+    ts, _tb, cnt, cap_s, _cb = work.tables(bms, _tiled_cfg(True)[0])
+    glu = first and w2 is not None
+    decode.stage(glu, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, out, ts,
+                 cnt, cap_s, bms)
 
 
 def _mma_module():
@@ -381,7 +414,12 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
         return False
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)
-    if work.has("skinny"):
+    if _decode_ok(work, wg, wu, wd):
+        _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
+                      work)
+        _decode_layer(False, h, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx, sval,
+                      out, work)
+    elif work.has("skinny"):
         if glu:
             grouped_glu(a, g_idx, kd, wg, wu, bg if bg is not None else dummy, bg is not None,
                         bu if bu is not None else dummy, bu is not None, code, limit, alpha, h,
