@@ -567,8 +567,9 @@ def weight_dtype_name(layer):
 
 
 def _reference_kw(layer):
-    """Keyword arguments of :func:`numoe.reference.moe_forward`: the layer's own arrays
-    (the reference widens them to float64 one expert at a time; int8 weights dequantized)."""
+    """Keyword arguments of :func:`numoe.reference.moe_forward`: the layer's arrays
+    (the reference widens them to float64 one expert at a time; ``layer.weights()``
+    hands int8 weights over dequantized)."""
     return dict(layer.weights(), top_k=layer.config.top_k)
 
 
@@ -632,7 +633,8 @@ def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None,
         measured before and after the rows), ``ref_s``, ``hf_eager_s``,
         ``hf_grouped_s`` (each with its ``_spread``), ``hf_err``,
         ``ref_speedup`` (reference / numoe), ``speedup`` (HF best / numoe:
-        above 1, numoe is faster), ``peak_rss_mib``, ``notes``.
+        above 1, numoe is faster), ``weight_bytes`` (all the layer's arrays,
+        in their storage dtype), ``peak_rss_mib``, ``notes``.
     """
     dt = as_float_dtype("dtype", dtype)
     say = _reporter(progress)
@@ -690,7 +692,11 @@ def _layer_row(row, dt, weights, repeat, budget, hf_reason):
         res["hf_err"] = hf_err
         best = min((tm.median for tm in (e, g) if tm is not None), default=None)
         res["speedup"] = None if best is None else best / t.median
-    res["peak_rss_mib"] = peak_rss_mib()
+    res["weight_bytes"] = sum(getattr(getattr(layer, name), "nbytes", 0) for name in (
+        "router", "w_gate", "w_up", "w_down", "router_bias", "selection_bias", "b_gate", "b_up",
+        "b_down", "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+        "shared_gate_weight"))
+    res["peak_rss_mib"] = peak_rss_mib()     # of the process so far (a running maximum)
     return res
 
 
@@ -1046,7 +1052,8 @@ def _fmt(v, kind, spread=None):
             return f"{_ms(v)} [{_ms(spread['min'])}-{_ms(spread['max'])}]"
         return _ms(v)
     if kind == "mib":
-        return f"{v / 2**20:.1f}"
+        mib = v / 2**20
+        return f"{mib:.3g}" if mib < 1000 else f"{mib:.0f}"
     if kind == "x":
         return f"{v:.2f}x"
     if kind == "e":
@@ -1065,7 +1072,7 @@ _OPTIONAL_COLUMNS = ("hf_", "speedup", "torch_")
 COLUMNS = {
     "layers": [("name", "row", "s"), ("T", "T", "s"), ("E", "E", "s"), ("k", "k", "s"),
                ("H", "H", "s"), ("F", "F", "s"), ("storage", "x/weights", "s"),
-               ("rel_err", "rel err", "e"), ("check", "check", "s"),
+               ("weight_bytes", "weights MiB", "mib"), ("rel_err", "rel err", "e"), ("check", "check", "s"),
                ("numoe_s", "numoe ms", "ms"), ("tokens_per_s", "tok/s", "f"),
                ("gflops", "GFLOP/s", "f"), ("pct_blas", "%BLAS", "%"),
                ("ref_s", "ref ms", "ms"), ("ref_speedup", "numoe speedup vs ref (>1: faster)", "x"),
@@ -1110,6 +1117,8 @@ def legend(rows, suite):
             "rel err: ||y - y_ref|| / ||y_ref||, y_ref = the float64 NumPy reference on the "
             "same rounded inputs and weights.",
             f"check: PASS when rel err <= the tolerance of the activation dtype ({tols}).",
+            "x/weights: activation dtype / storage of the expert weights; weights MiB: all "
+            "the layer's arrays as stored.",
             "%BLAS: numoe's GFLOP/s over NumPy's BLAS GEMM rate (2048^3 np.matmul, float32 "
             "for 16-bit dtypes; the better of two runs, before and after the table"
             f"{blas}).",

@@ -133,8 +133,8 @@ def run_ep_bench(shape=None, *, dtype="float32", weight_dtype=None, repeat=None,
         mine = _ep_phases(ep, x, repeat, comm)
     per_rank = comm.allgather(mine)
     one = comm.bcast(one, root=0)
-    return dict(row=row._asdict(), dtype=dt.name, weights=str(weight_dtype or dt.name), ranks=P, repeat=repeat, one_process=one,
-                per_rank=per_rank)
+    return dict(row=row._asdict(), dtype=dt.name, weights=str(weight_dtype or dt.name),
+                ranks=P, repeat=repeat, one_process=one, per_rank=per_rank)
 
 
 def cost_model(res, ranks=RANKS, bandwidths=BANDWIDTHS_GBIT):

@@ -167,9 +167,11 @@ class ExpertParallel:
     --------
     Run under ``mpiexec -n 2 python script.py``::
 
+        from numoe.distributed import ExpertParallel
+
         layer = numoe.MoELayer.random(cfg, seed=0)       # same on every rank
-        ep = numoe.distributed.ExpertParallel(layer)
-        y_local = ep(x_local)
+        ep = ExpertParallel(layer)                      # comm: MPI.COMM_WORLD
+        y_local = ep(x_local)                           # this rank's tokens
     """
 
     def __init__(self, layer, comm=None):

@@ -529,13 +529,12 @@ class MoELayer:
         Calls with device ``x`` (numba, CuPy or PyTorch CUDA arrays) then run
         on the GPU through the public ops; this layer stays on the host.
         """
-        from numba import cuda
-
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new._device = True
         new._w1 = new._s1 = None
-        put = lambda a: None if a is None else cuda.to_device(np.ascontiguousarray(a))  # noqa
+        to_dev = cuda_module("_arrays").to_device       # bfloat16 weights included
+        put = lambda a: None if a is None else to_dev(np.ascontiguousarray(a))  # noqa
         dev = {name: put(getattr(self, name)) for name in (
             "w_gate", "w_up", "shared_gate_proj", "shared_up_proj")}
         new._dev = dev

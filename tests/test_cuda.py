@@ -22,12 +22,15 @@ DTYPES = (np.float32, np.float64)
 
 
 def dev(a):
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
+    from numoe._cuda import _arrays as A     # bfloat16 too (numba's own copy refuses it)
+    return A.to_device(a)
 
 
 def host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    if hasattr(a, "copy_to_host"):
+        from numoe._cuda import _arrays as A
+        return A.to_host(a)
+    return np.asarray(a)
 
 
 def is_numba_device(a):
@@ -523,7 +526,7 @@ def test_expert_ffn_16bit(xdt, wdt, glu, act, bias, limit):
                                        atol=1e-4 * np.abs(want).max())
         else:
             check(out, want, xdt)
-    # the 16-bit split-K GEMV of few-row experts against the numba skinny kernel
+    # the public call ran the 16-bit split-K GEMV (few-row experts): deterministic
     got2 = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act, b_gate=d(bg),
                             b_up=d(bu), b_down=d(bd), limit=limit)
     np.testing.assert_array_equal(host(got2).view(np.uint8), host(got).view(np.uint8))
@@ -632,3 +635,37 @@ def test_cupy_and_torch_16bit_inputs():
         h = x.astype(np.float16)
         yh = numoe.permute(conv(h), p)
         assert host(yh).dtype == np.float16, name
+
+
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="tensor cores (linked CUDA C++) need a real GPU")
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+@pytest.mark.parametrize("glu,act,bias,limit", FFN_CASES[:3] + FFN_CASES[3:4])
+def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit):
+    """Experts with many rows run on the tensor cores (numoe._cuda.mma) when the
+    linked C++ builds here; every tile edge case: ragged rows, an empty expert,
+    few-row experts beside them (the GEMV), columns not a multiple of the tile."""
+    from numoe._cuda import experts as X
+    from numoe._cuda import mma
+    rng = np.random.default_rng(26)
+    E, H, F = 5, 136, 200
+    counts = np.array([130, 0, 7, 300, 65])
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    xs = rng.standard_normal((off[-1], H)).astype(dtype)
+    wg = (rng.standard_normal((E, H, F)) / np.sqrt(H)).astype(dtype)
+    wu = (rng.standard_normal((E, H, F)) / np.sqrt(H)).astype(dtype) if glu else None
+    wd = (rng.standard_normal((E, F, H)) / np.sqrt(F)).astype(dtype)
+    b = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32) if bias else None  # noqa
+    bg, bu, bd = b(E, F), (b(E, F) if glu else None), b(E, H)
+    g = lambda a: None if a is None else f64(a)  # noqa: E731
+    want = ref.expert_ffn(f64(xs), off, f64(wg), g(wu), f64(wd), activation=act,
+                          b_gate=g(bg), b_up=g(bu), b_down=g(bd), limit=limit)
+    d = lambda a: None if a is None else dev(a)  # noqa: E731
+    got = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act, b_gate=d(bg),
+                           b_up=d(bu), b_down=d(bd), limit=limit)
+    if X.last_path.get("gemm") != "mma":
+        pytest.skip(f"tensor-core path unavailable here: {mma.ERROR}")
+    close16(got, want, dtype)
+    again = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act,
+                             b_gate=d(bg), b_up=d(bu), b_down=d(bd), limit=limit)
+    np.testing.assert_array_equal(host(again).view(np.uint16), host(got).view(np.uint16))

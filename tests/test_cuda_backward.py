@@ -2,10 +2,12 @@
 
 Run on a GPU, or on the CPU under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set by ``conftest.py`` when there is no driver):
-sizes are tiny (T <= 12, E <= 6, H <= 12). Every device result is compared
+sizes are tiny (T <= 12, E <= 8, H <= 16). Every device result is compared
 with the host backward op on the same inputs and with the float64 reference
-VJP of :mod:`numoe.reference`; integer-free outputs by the max-norm check of
-``tests/test_backward.py`` (error scaled by the reference's largest entry).
+VJP of :mod:`numoe.reference` by a max-norm check (error scaled by the
+reference's largest entry); ``MoELayer.backward`` of a device layer with the
+host layer's. The full-size comparison on a real GPU is
+``tools/gpu_backward_check.py``.
 """
 import ml_dtypes
 import numpy as np
@@ -415,3 +417,66 @@ def test_bad_values_and_shapes():
         numoe.load_balancing_loss_backward(dev(z), dev(r.experts + E))
     with pytest.raises(ValueError, match="mask"):
         numoe.router_z_loss_backward(dev(z), mask=dev(np.ones(T + 1, bool)))
+
+
+# -------------------------------------------------------------------- layer
+LAYER_CASES = [   # preset, k, dtype, weight dtype, options
+    ("mixtral", 2, np.float32, None, {}),
+    ("qwen2_moe", 2, np.float64, None, dict(num_shared_experts=1, shared_expert_dim=8,
+                                            router_bias=True)),
+    ("switch", 1, np.float64, None, dict(capacity_factor=1.0)),
+    ("gpt_oss", 2, np.float32, None, {}),
+    ("deepseek_v3", 2, np.float64, None, dict(n_groups=4, topk_groups=2,
+                                              num_shared_experts=1, shared_expert_dim=8)),
+    ("mixtral", 2, np.float32, BF16, {}),
+    ("olmoe", 2, BF16, None, {}),
+]
+
+
+@pytest.mark.parametrize("preset,k,dtype,wdt,kw", LAYER_CASES,
+                         ids=[f"{c[0]}-{np.dtype(c[2]).name}-{c[3] is not None}"
+                              for c in LAYER_CASES])
+def test_device_layer_backward_matches_host(preset, k, dtype, wdt, kw):
+    cfg = getattr(numoe.MoEConfig, preset)(num_experts=8, top_k=k, hidden_dim=16,
+                                           expert_dim=12, **kw)
+    opts = {} if wdt is None else dict(weight_dtype=wdt)
+    layer = numoe.MoELayer.random(cfg, seed=2, dtype=dtype, **opts)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 16)).astype(dtype)
+    d_y = rng.standard_normal(x.shape).astype(dtype)
+    coefs = dict(aux_loss_coef=0.1, z_loss_coef=0.01)
+    y, info = layer.forward(x, return_info=True)
+    want = layer.backward(x, info, d_y, **coefs)
+    dl = layer.to_device()
+    yd, infod = dl.forward(dev(x), return_info=True)
+    got = dl.backward(dev(x), infod, dev(d_y), **coefs)
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert is_device(got[name]), name
+        assert to_host(got[name]).shape == w.shape, name
+        close(got[name], w, w.dtype, factor=10.0)
+
+
+def test_device_layer_backward_no_tokens_and_errors():
+    cfg = numoe.MoEConfig.mixtral(num_experts=4, top_k=2, hidden_dim=8, expert_dim=6)
+    layer = numoe.MoELayer.random(cfg, seed=3)
+    dl = layer.to_device()
+    x0 = np.zeros((0, 8), np.float32)
+    _, info = dl.forward(dev(x0), return_info=True)
+    got = dl.backward(dev(x0), info, dev(x0))
+    assert to_host(got["x"]).shape == (0, 8)
+    assert not to_host(got["w_gate"]).any()
+    x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(3, 8)
+    _, info = dl.forward(dev(x), return_info=True)
+    a = dl.backward(dev(x), info, dev(x), aux_loss_coef=0.1, z_loss_coef=0.1)
+    b = dl.backward(dev(x), info, dev(x), aux_loss_coef=0.1, z_loss_coef=0.1)
+    for name in a:                                  # the same bits, run after run
+        np.testing.assert_array_equal(to_host(a[name]), to_host(b[name]), name)
+    with pytest.raises(TypeError):
+        dl.backward(x, info, x)                     # host x, device layer
+    with pytest.raises(TypeError):
+        layer.backward(dev(x), info, dev(x))        # device x, host layer
+    with pytest.raises(ValueError, match="d_y"):
+        dl.backward(dev(x), info, dev(np.ones((3, 9), np.float32)))
+    with pytest.raises(TypeError, match="info"):
+        dl.backward(dev(x), {}, dev(x))

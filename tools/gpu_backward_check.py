@@ -4,6 +4,7 @@ Run on a GPU machine::
 
     python tools/gpu_backward_check.py                  # T=4096 E=64 k=8 H=1024 F=512
     python tools/gpu_backward_check.py --dtypes float32,float64,bfloat16 --time
+    python tools/gpu_backward_check.py --only expert_ffn,layer
 
 or, to check that the script itself works, under the simulator at tiny sizes::
 
@@ -71,6 +72,8 @@ def _errors(got, want):
 
 def _outputs(r):
     """Named array outputs of a backward op's result."""
+    if isinstance(r, dict):                  # layer.backward
+        return dict(r)
     if isinstance(r, numoe.ExpertGrads):
         return {k: v for k, v in r._asdict().items() if v is not None}
     if isinstance(r, tuple):
@@ -89,9 +92,16 @@ def _median_time(fn, reps):
     return float(np.median(ts))
 
 
+def wanted(args, name):
+    """Whether ``--only`` selects the check ``name``."""
+    return not args.only or any(o in name for o in args.only.split(","))
+
+
 def run_case(name, dtype, dev_call, host_call, args):
     """Compare ``dev_call()`` with ``host_call()``; record and print one line per output."""
     label = f"{name} [{np.dtype(dtype).name}]"
+    if not wanted(args, name):
+        return
     try:
         got = _outputs(dev_call())
         again = _outputs(dev_call())
@@ -135,6 +145,9 @@ def main(argv=None):
     ap.add_argument("--time", action="store_true", help="also time device and host calls")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings: run only the checks whose name has one "
+                         "(e.g. expert_ffn,layer)")
     args = ap.parse_args(argv)
     if args.tiny:
         T, E, k, H, F, n_groups = 16, 4, 2, 8, 4, 2
@@ -234,6 +247,26 @@ def check_dtype(rng, dt, T, E, k, H, F, n_groups, args):
         run_case(f"router_z_loss_backward {tag}", dt,
                  lambda: numoe.router_z_loss_backward(d(z), mask=d(m), d_loss=1e-3),
                  lambda: numoe.router_z_loss_backward(z, mask=m, d_loss=1e-3), args)
+
+    # the layer (device layer.backward vs the host layer's), two model families
+    for preset, kw in (("olmoe", {}),
+                       ("qwen2_moe", dict(num_shared_experts=1, shared_expert_dim=2 * F,
+                                          router_bias=True))):
+        if not wanted(args, f"layer.backward {preset}"):
+            continue
+        cfg = getattr(numoe.MoEConfig, preset)(num_experts=E, top_k=k, hidden_dim=H,
+                                               expert_dim=F, **kw)
+        layer = numoe.MoELayer.random(cfg, seed=1, dtype=dt)
+        dl = layer.to_device()
+        xl = rng.standard_normal((T, H)).astype(dt)
+        dyl = rng.standard_normal((T, H)).astype(dt)
+        coefs = dict(aux_loss_coef=0.01, z_loss_coef=1e-3)
+        _, info = layer.forward(xl, return_info=True)
+        xd, dyd = d(xl), d(dyl)
+        _, infod = dl.forward(xd, return_info=True)
+        run_case(f"layer.backward {preset}", dt,
+                 lambda: dl.backward(xd, infod, dyd, **coefs),
+                 lambda: layer.backward(xl, info, dyl, **coefs), args)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,11 @@ def rel(got, want):
 
 
 def h(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    return A.to_host(a) if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
 def dev(a):
-    return cuda.to_device(np.ascontiguousarray(a))
+    return A.to_device(a)
 
 
 def record(name, ok, **kw):
@@ -325,6 +325,8 @@ def layer_checks(T=4096):
     record("public MoELayer bf16 to_device() vs host layer", e < TOL[BF16], rel=e)
     try:
         import torch
+        if not torch.cuda.is_available():
+            return
         xt = torch.from_numpy(xb.view(np.int16)).to("cuda").view(torch.bfloat16)
         yt = lb.to_device()(xt)
         record("public MoELayer bf16, torch bfloat16 input", rel(h(yt), yh) < TOL[BF16],
@@ -341,8 +343,10 @@ def _hf_times(host, fam, x, dt, budget):
     """HF block of ``fam`` in ``dt`` on the GPU: {impl: (seconds, output)}."""
     import torch
     from numoe import bench as CB
-    torch.backends.cuda.matmul.allow_tf32 = False
     out = {}
+    if not torch.cuda.is_available():
+        return out
+    torch.backends.cuda.matmul.allow_tf32 = False
     key = (id(host), dt)
     if key not in _HF:
         try:

@@ -56,9 +56,9 @@ case "$mode" in
     ;;
   bf16)
     sanity 2>&1 | tee "$OUT/sanity.log"
-    timeout "${NUMOE_GPU_PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -x \
-      tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
     python3 tools/gpu_bf16.py "$@" 2>&1 | tee "$OUT/bf16.log" || rc=1
+    timeout "${NUMOE_GPU_PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
+      tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
     ;;
   check|test) ;;
   *) echo "unknown mode $mode"; exit 2 ;;

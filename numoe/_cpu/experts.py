@@ -71,7 +71,7 @@ MAX_TASK_ROWS = 512
 MATMUL_ROWS = 256       # row block of the router-logits product
 SERIAL_COST = 1.0e-4    # jobs estimated under this many seconds skip the threads
 STREAM_ROWS = 64        # row block of a streaming task in batch-invariant mode
-BLAS_TILE = 256         # columns of a widened weight tile (narrow/int8 BLAS tasks)
+BLAS_TILE = 2048        # columns of a widened weight tile (narrow/int8 BLAS tasks)
 
 # task kinds (literal in the kernels, which read no module globals)
 BLAS, STREAM, SPLIT_GLU, SPLIT_DOWN = 0, 1, 2, 3
@@ -181,8 +181,9 @@ def stream_matmul(x, w, wkind, scale, c0, c1, acc, o0):
     ``llvm.fma``, no fastmath: the compiler may not reorder or contract it
     differently in different loops). One row streams whole weight rows
     (sequential reads); several rows work in column blocks of 512 that stay
-    in L1, four (then one) rows of ``x`` at a time so that each loaded
-    weight vector feeds several accumulators. The per-element arithmetic is
+    in L1, four rows of ``x`` at a time so that each loaded weight vector
+    feeds several accumulators (the last ``M % 4`` rows, and a lone decode
+    row, one at a time over eight weight rows). The per-element arithmetic is
     the same on every path, so a row's result depends neither on the other
     rows nor on the column range (the batch-invariant mode rests on this).
     """
@@ -195,7 +196,7 @@ def stream_matmul(x, w, wkind, scale, c0, c1, acc, o0):
             acc[m, o0 + j] = T(0.0)
     M4 = M - M % 4
     k4 = K - K % 4
-    for kk in range(0, k4, 4):
+    for kk in range(0, k4 if M4 > 0 else 0, 4):       # rows four at a time
         for j0 in range(c0, c1, jb):
             j1 = min(c1, j0 + jb)
             w0 = w[kk, j0:j1]
@@ -218,16 +219,41 @@ def stream_matmul(x, w, wkind, scale, c0, c1, acc, o0):
                     bm[j] = fma(b3, v3, fma(b2, v2, fma(b1, v1, fma(b0, v0, bm[j]))))
                     cm[j] = fma(q3, v3, fma(q2, v2, fma(q1, v1, fma(q0, v0, cm[j]))))
                     dm[j] = fma(d3, v3, fma(d2, v2, fma(d1, v1, fma(d0, v0, dm[j]))))
+    for kk in range(k4 if M4 > 0 else K, K):
+        wr = w[kk, c0:c1]
+        for m in range(M4):
+            a = x[m, kk]
+            am = acc[m, o0:o0 + n]
+            for j in range(n):
+                am[j] = fma(a, T(widen(wr[j], wkind)), am[j])
+    # the other rows one at a time, eight weight rows per step (fewer passes
+    # over the accumulator: decode is one row); the same chain per element
+    k8 = K - K % 8
+    for kk in range(0, k8 if M > M4 else 0, 8):
+        for j0 in range(c0, c1, jb):
+            j1 = min(c1, j0 + jb)
+            w0 = w[kk, j0:j1]
+            w1 = w[kk + 1, j0:j1]
+            w2 = w[kk + 2, j0:j1]
+            w3 = w[kk + 3, j0:j1]
+            w4 = w[kk + 4, j0:j1]
+            w5 = w[kk + 5, j0:j1]
+            w6 = w[kk + 6, j0:j1]
+            w7 = w[kk + 7, j0:j1]
             for m in range(M4, M):
                 a0, a1, a2, a3 = x[m, kk], x[m, kk + 1], x[m, kk + 2], x[m, kk + 3]
+                a4, a5, a6, a7 = x[m, kk + 4], x[m, kk + 5], x[m, kk + 6], x[m, kk + 7]
                 am = acc[m, o0 + j0 - c0:o0 + j1 - c0]
                 for j in range(j1 - j0):
                     v0, v1 = T(widen(w0[j], wkind)), T(widen(w1[j], wkind))
                     v2, v3 = T(widen(w2[j], wkind)), T(widen(w3[j], wkind))
-                    am[j] = fma(a3, v3, fma(a2, v2, fma(a1, v1, fma(a0, v0, am[j]))))
-    for kk in range(k4, K):
+                    v4, v5 = T(widen(w4[j], wkind)), T(widen(w5[j], wkind))
+                    v6, v7 = T(widen(w6[j], wkind)), T(widen(w7[j], wkind))
+                    r = fma(a3, v3, fma(a2, v2, fma(a1, v1, fma(a0, v0, am[j]))))
+                    am[j] = fma(a7, v7, fma(a6, v6, fma(a5, v5, fma(a4, v4, r))))
+    for kk in range(k8 if M > M4 else K, K):
         wr = w[kk, c0:c1]
-        for m in range(M):
+        for m in range(M4, M):
             a = x[m, kk]
             am = acc[m, o0:o0 + n]
             for j in range(n):

@@ -91,6 +91,22 @@ def _int16_view(a):
     return a.view(np.uint16)
 
 
+def to_device(a):
+    """A host array copied to a new device array. 16-bit floats travel as their bits:
+    numba's own copy refuses bfloat16 (NumPy exposes no buffer format for it)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype in NARROW:
+        return cuda.to_device(a.view(np.uint16)).view(a.dtype)
+    return cuda.to_device(a)
+
+
+def to_host(a):
+    """A device array copied to a new host array (16-bit floats as their bits, viewed back)."""
+    if a.dtype in NARROW:
+        return a.view(np.uint16).copy_to_host().view(a.dtype)
+    return a.copy_to_host()
+
+
 def bits(a):
     """A 16-bit float device array as its ``uint16`` view (what kernels take); others as is."""
     return a.view(np.uint16) if a.dtype in NARROW else a

@@ -133,7 +133,7 @@ def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm, bw
     ref = reference.moe_forward(x, **kw)
     t_ref = time.perf_counter() - t0
     dl = layer.to_device()
-    xd = cuda.to_device(x)
+    xd = A.to_device(x)
     t, n, y = timeit(lambda: moe.forward(dl, xd, gemm=gemm), repeat, budget)
     path = dict(X.last_path)
     _, (_lg, _rt, plan) = moe.forward(dl, xd, gemm=gemm, return_parts=True)
@@ -225,7 +225,7 @@ def run_routing(T=262144, E=64, k=8, H=1024, *, dtype="float32", repeat=None, bu
     bw = copy_bandwidth()
     say(f"device: {A.device_name()}; copy {bw / 1e9:.0f} GB/s")
     rng = np.random.default_rng(0)
-    z = cuda.to_device(rng.standard_normal((T, E)).astype(dt))
+    z = A.to_device(rng.standard_normal((T, E)).astype(dt))
     r = R.route(z, k)
     N = T * k
     rows = []
@@ -243,7 +243,7 @@ def run_routing(T=262144, E=64, k=8, H=1024, *, dtype="float32", repeat=None, bu
     flat = A.reshape(r.experts, (N,))
     t, _, _ = timeit(lambda: D.multisplit(flat, E), repeat, budget)
     add("dispatch_plan (fused)", t, T * k * 4 + T * k * 4, "no id check, no dropped mask")
-    x = cuda.to_device(rng.standard_normal((T, H)).astype(dt))
+    x = A.to_device(rng.standard_normal((T, H)).astype(dt))
     xs = A.empty((N, H), dt)
     t, _, _ = timeit(lambda: D.permute(x, plan, out=xs), repeat, budget)
     add("permute", t, 2 * N * H * s + N * 4)

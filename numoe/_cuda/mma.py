@@ -134,7 +134,7 @@ def glu(a, gidx, kdiv, wg, wu, bg, bu, code, limit, alpha, h, tiles, tcount, cap
            f32 if bg is None else A.reshape(bg, (bg.size,)), int(bg is not None),
            f32 if bu is None else A.reshape(bu, (bu.size,)), int(bu is not None),
            int(code), float(limit), float(alpha), A.reshape(A.bits(h), (h.size,)),
-           tiles, tcount, 1, int(a.dtype == A.BFLOAT16))
+           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16))
 
 
 def plain(a, gidx, kdiv, w, b, code, sidx, sval, out, tiles, tcount, cap_b):
@@ -155,7 +155,7 @@ def plain(a, gidx, kdiv, w, b, code, sidx, sval, out, tiles, tcount, cap_b):
            int(sidx is not None),
            A.dummy(np.uint16) if out_f32 else A.reshape(A.bits(out), (out.size,)),
            A.reshape(out, (out.size,)) if out_f32 else f32, int(out_f32),
-           tiles, tcount, 1, int(a.dtype == A.BFLOAT16))
+           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16))
 
 
 _COMPILED = [False, False]
