@@ -80,7 +80,8 @@ def _parser():
     b.add_argument("--weights", default=None, choices=_WEIGHTS,
                    help="storage of the expert weights (default: as --dtype)")
     b.add_argument("--repeat", type=_positive_int,
-                   help="timed calls per measurement (default: fill --budget)")
+                   help="timed samples per measurement (default: fill --budget; "
+                   "calls under 1 ms are batched several per sample)")
     b.add_argument("--budget", type=_positive_float, default=None,
                    help="seconds per measurement when --repeat is not given")
     b.add_argument("--tokens", type=_positive_int, default=65536,

@@ -315,10 +315,10 @@ def expert_ffn_backward(xs, offsets, w_gate, w_up, w_down, d_ys, *, activation="
     off = _check_offsets(offsets, E, N)
     from ._cpu import experts as cpu
 
-    new = lambda a: None if a is None else np.empty_like(a)  # noqa: E731
+    new = lambda a: None if a is None else np.zeros_like(a)  # noqa: E731
     job = cpu.BackwardJob(x, off, wg, wu, False, wd, bg, bu, bd, opts.code, opts.limit,
                           opts.alpha, dy, None, np.empty_like(x), new(wg), new(wu), new(wd),
-                          new(bg), new(bu), new(bd), None)
+                          new(bg), new(bu), new(bd), None, zeroed=True)
     cpu.run_backward(job)
     cast = lambda a, dt: None if a is None else a.astype(dt, copy=False)  # noqa: E731
     return ExpertGrads(cast(job.d_xs, xdt), cast(job.d_w1, sg), cast(job.d_w_up, su),

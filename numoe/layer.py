@@ -146,7 +146,10 @@ class MoELayer:
         Every token's output bit-identical whatever else is in the batch
         (opt-in; costs speed at prefill): the router product, every expert
         block, the shared MLP and its gate run through the row-independent
-        streaming kernel instead of BLAS.
+        streaming kernel instead of BLAS. Capacity drops
+        (``config.capacity_factor``) depend on the batch by definition: the
+        guarantee is for dropless configs, on the CPU (a device layer from
+        :meth:`to_device` does not promise it yet).
     dtype : float dtype, optional
         The activation dtype (of ``x`` and ``y``): float16, bfloat16,
         float32 or float64. Default: ``w_gate``'s dtype (float32 for int8
@@ -749,6 +752,7 @@ class MoELayer:
         dy = dy.reshape(T, H)
         V.check_finite("d_y", dy)
         params = self.parameters()
+
         def wide(a):        # a weight in the compute dtype (a copy if stored narrower)
             if a is None or (isinstance(a, np.ndarray) and a.dtype == cdt):
                 return a
@@ -765,14 +769,14 @@ class MoELayer:
         dys = permute(dy, plan)
         rs = np.ascontiguousarray(np.asarray(routing.weights).reshape(-1)[order], dtype=cdt)
         w1 = wide(self._w1)
-        d_w1 = np.empty(w1.shape, cdt)
-        new = lambda a: None if a is None else np.empty(np.shape(a), cdt)  # noqa: E731
+        d_w1 = np.zeros(w1.shape, cdt)      # (zeros: experts without rows write nothing)
+        new = lambda a: None if a is None else np.zeros(np.shape(a), cdt)  # noqa: E731
         job = cpu.BackwardJob(xs, np.asarray(plan.offsets, np.int64), w1, None, cfg.glu,
                               wide(self.w_down), wide(self.b_gate), wide(self.b_up),
                               wide(self.b_down), self._code, self._limit, self._alpha, dys, rs,
                               np.empty((N, H), cdt), d_w1, None, new(self.w_down),
                               new(self.b_gate), new(self.b_up), new(self.b_down),
-                              np.empty(N))
+                              np.empty(N), zeroed=True)
         cpu.run_backward(job)
         d_x = permute_backward(job.d_xs, plan)
         d_w = np.zeros(T * k)

@@ -261,6 +261,13 @@ def test_hf_columns_in_bfloat16():
     assert row["hf_eager_s"] > 0 and row["hf_err"] < 5e-2
 
 
+def test_weight_bytes_follow_the_storage():
+    size = {w: bench.run_layer_suite(["tiny-olmoe"], weights=w, repeat=1, hf=False)[0][
+        "weight_bytes"] for w in ("float32", "bfloat16", "int8")}
+    assert 0.45 * size["float32"] < size["bfloat16"] < 0.55 * size["float32"]
+    assert size["int8"] < 0.35 * size["float32"]
+
+
 def test_unsupported_precision_is_a_clear_error(monkeypatch):
     def old_random(cfg, seed=0, dtype=np.float32):
         raise TypeError("dtype must be float32 or float64")

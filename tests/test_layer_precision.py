@@ -281,3 +281,25 @@ def test_layer_bf16_bit_identical_across_thread_counts():
             with threads(n):
                 outs.append(layer(x).view(np.uint16))
         assert np.array_equal(outs[0], outs[1]), T
+
+
+# ------------------------------------------------------- the widening helper
+def test_narrow_helper_round_trips_like_ml_dtypes():
+    """numoe._cpu._narrow: widening is exact; narrowing rounds to nearest even,
+    as ml_dtypes/NumPy do (NaN stays NaN, overflow to inf, subnormals kept)."""
+    from numoe._cpu import _narrow
+
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal(20000) * np.exp(rng.uniform(-40, 40, 20000))).astype(np.float32)
+    x = np.concatenate([x, np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-42,
+                                     3.4e38, 65504.0, 65520.0, 6e-8, 1.0 + 2.0 ** -8,
+                                     1.0 + 3 * 2.0 ** -8], np.float32)])
+    for dt in (BF16, F16):
+        with np.errstate(over="ignore"):
+            want = x.astype(dt)
+        got = _narrow.from_float32(x, dt)
+        nan = np.isnan(want.astype(np.float32))
+        assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+        assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+        back = _narrow.to_float32(want)
+        assert np.array_equal(back[~nan], want.astype(np.float32)[~nan])

@@ -22,6 +22,24 @@ the thread count:
   ``MIN_TASKS`` tasks, its streaming experts are also cut into column
   chunks (gate/up chunks, then down chunks) so that all threads read.
 
+Weight storage
+--------------
+Expert weights reach the kernels as stored: float32/float64, ``uint16``
+bits of bfloat16/float16, or int8 values with per-output-column float32
+scales (:class:`ExpertWeights`, one storage-kind code per array). Streaming
+tasks widen each weight element in registers (:mod:`numoe._cpu._narrow`):
+one pass over the stored bytes, so a bf16 expert streams half the bytes of
+a float32 one. BLAS tasks with narrow weights widen one column tile of at
+most ``BLAS_TILE`` columns at a time into a per-thread float scratch and
+call sgemm (or, for bf16 rows and weights on a CPU with AMX-BF16 tiles,
+:mod:`numoe._cpu.bf16gemm`); never a float32 copy of the experts. Rows are
+float32 (16-bit activations are widened once by the caller) or float64.
+
+Batch-invariant mode (``Job.stream_all``): every block, whatever its rows,
+is a streaming task (row blocks of ``STREAM_ROWS``), whose per-element
+arithmetic is one fixed ``fma`` chain: a row's result is then the same in
+any batch.
+
 The tasks, largest estimated cost first, form a queue that
 ``numba.get_num_threads()`` threads drain through a shared counter (a
 greedy longest-first schedule that also adapts when a core is busy with
@@ -975,7 +993,8 @@ class BackwardJob(NamedTuple):
     shared expert's gate). Outputs, all written: ``d_xs [N, H]``, ``d_w1``
     (shape of ``w1``), ``d_w_up``, ``d_w_down``, bias gradients (None where
     no bias) and ``d_scale [N]`` float64 (``d_ys . ys_unscaled``; None:
-    not wanted).
+    not wanted). ``zeroed``: the weight and bias gradients are already zero
+    (then experts without rows cost nothing).
     """
 
     xs: np.ndarray
@@ -1000,6 +1019,8 @@ class BackwardJob(NamedTuple):
     d_b_up: Optional[np.ndarray]
     d_b_down: Optional[np.ndarray]
     d_scale: Optional[np.ndarray]
+    zeroed: bool = False    # weight/bias gradients arrive zero-filled (np.zeros: untouched
+                            # pages of experts without rows are never written)
 
 
 def _col_chunks(m, K, n):
@@ -1056,6 +1077,9 @@ def _weight_tasks(job, h, dgu, e, lo, hi, glu, F):
         mats.append((job.d_w_up[e], xe, dge[:, F:]))
     mats.append((job.d_w_down[e], he, dye))
     if hi == lo:
+        if job.zeroed:
+            return []
+
         def zero():
             for g, _, _ in mats:
                 g[...] = 0

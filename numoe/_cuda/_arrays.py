@@ -180,8 +180,7 @@ def empty(shape, dtype):
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     if dtype in NARROW and not SIM:      # numba cannot allocate dtypes it does not know
-        return empty(shape, np.uint16).view(dtype) if shape else \
-            empty((1,), np.uint16).view(dtype).reshape(())
+        return empty(shape, np.uint16).view(dtype)
     if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
         return cuda.device_array(shape, dtype=dtype)
     arr = _cupy.empty(shape, dtype=dtype)

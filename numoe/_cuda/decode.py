@@ -1,5 +1,9 @@
 """Decode-time grouped GEMV for 16-bit expert weights (few rows per expert).
 
+Opt-in (``NUMOE_CUDA_DECODE=1``, see :func:`numoe._cuda.experts._decode_ok`):
+correct on an H200 but, in its one measurement, no faster than the numba
+skinny kernel at decode sizes, where launch overhead dominates.
+
 Memory-bound: the cost is reading each touched expert's weights, so a block
 owns one row tile of one expert (at most ``BMS`` rows, staged in shared
 memory as float32), ``4 * NT`` output columns and one ``KS``-long slice of
@@ -9,8 +13,8 @@ word of a ``uint64`` view), widens them in registers with the widening helper
 and accumulates ``BMS x 4`` float32 sums (two sets for gate and up). Every
 weight is read once per row tile.
 
-Partial sums go to a float32 ``[n_split, N, W]`` buffer (each element written
-by one thread); a second kernel sums the slices in order and applies the
+Partial sums go to a float32 ``[n_split, tile slots x BMS, W]`` buffer (each
+element written by one thread); a second kernel sums the slices in order and applies the
 epilogue (biases, activation or GLU, routing-weight scale, rounding to the
 output's storage). No atomics: results are deterministic, and identical to
 run with any grid.
@@ -52,7 +56,8 @@ def stage(glu, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, ou
     NO = int(out.shape[1])
     W = NO * (2 if glu else 1)
     nsplit = -(-K // KS)
-    part = A.empty((nsplit * N * W,), np.float32)
+    slots = min(int(ts.shape[0]), 65535) * BMS      # rows of the tile slots, not of all N
+    part = A.empty((nsplit * slots * W,), np.float32)
     ct = A.compute_dtype(a.dtype)
     kinds = (_narrow.kind_of(a.dtype), _narrow.kind_of(w1.dtype), _narrow.kind_of(out.dtype))
     kern = _gemv(glu, kinds[0], kinds[1], BMS, NT, KS)
@@ -60,12 +65,12 @@ def stage(glu, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, ou
     w64 = lambda x: flat(A.bits(x)).view(np.uint64)  # noqa: E731
     grid = (min(cap_s, 65535), -(-(NO // VEC) // NT), nsplit)
     launch(kern, grid, NT, BMS * KS * 4, flat(A.bits(a)), gidx, kdiv, K, w64(w1),
-           w64(w2 if w2 is not None else w1), NO, W, N, part, ts, cnt)
+           w64(w2 if w2 is not None else w1), NO, W, slots, part, ts, cnt)
     d = A.dummy(ct)
     di = A.dummy(np.int64)
-    epi = _epilogue(glu, kinds[2], str(ct))
+    epi = _epilogue(glu, kinds[2], str(ct), BMS)
     bs = A.block(256)
-    launch(epi, min(cap_s, 65535), bs, 0, part, nsplit, N, NO, W,
+    launch(epi, min(cap_s, 65535), bs, 0, part, nsplit, slots, NO, W,
            flat(b1) if b1 is not None else d, b1 is not None,
            flat(b2) if b2 is not None else d, b2 is not None, code, limit, alpha,
            sidx if sidx is not None else di, sval if sval is not None else d,
@@ -80,7 +85,7 @@ def _gemv(glu, ka, kw, BMS, NT, KS):
     uVEC = U(VEC)
 
     @cuda.jit
-    def kern(a, gidx, kdiv, K, w1, w2, NO, W, N, part, tiles, tcount):
+    def kern(a, gidx, kdiv, K, w1, w2, NO, W, S, part, tiles, tcount):
         sm = cuda.shared.array(0, float32)
         ntiles = tcount[0]
         tid = cuda.threadIdx.x
@@ -137,7 +142,7 @@ def _gemv(glu, ka, kw, BMS, NT, KS):
                 for i in range(BMS):
                     r = r0 + U(i)
                     if r < rend:
-                        base = (U(ks) * U(N) + r) * U(W) + c4 * uVEC
+                        base = (U(ks) * U(S) + U(t) * U(BMS) + U(i)) * U(W) + c4 * uVEC
                         for j in range(VEC):
                             part[base + U(j)] = acc1[i, j]
                             if glu:
@@ -147,12 +152,12 @@ def _gemv(glu, ka, kw, BMS, NT, KS):
 
 
 @functools.lru_cache(maxsize=None)
-def _epilogue(glu, ko, ct):
+def _epilogue(glu, ko, ct, BMS):
     ft = float64 if ct == "float64" else float32
     sto = _narrow.storer(ko, ft)
 
     @cuda.jit
-    def epi(part, nsplit, N, NO, W, b1, use_b1, b2, use_b2, code, limit, alpha, sidx, sval,
+    def epi(part, nsplit, S, NO, W, b1, use_b1, b2, use_b2, code, limit, alpha, sidx, sval,
             use_scale, out, tiles, tcount):
         # only rows that belong to a skinny tile: walk the tiles, one thread per element
         ntiles = tcount[0]
@@ -161,14 +166,16 @@ def _epilogue(glu, ko, ct):
             r0 = tiles[t, 1]
             r1 = tiles[t, 2]
             for idx in range(cuda.threadIdx.x, (r1 - r0) * NO, cuda.blockDim.x):
-                r = r0 + idx // NO
+                i = idx // NO
+                r = r0 + i
                 c = idx % NO
+                slot = t * BMS + i
                 v = 0.0
                 u = 0.0
                 for s in range(nsplit):
-                    v += float64(part[(s * N + r) * W + c])
+                    v += float64(part[(s * S + slot) * W + c])
                     if glu:
-                        u += float64(part[(s * N + r) * W + NO + c])
+                        u += float64(part[(s * S + slot) * W + NO + c])
                 if use_b1:
                     v += float64(b1[e * NO + c])
                 if glu:

@@ -60,6 +60,11 @@ last_path: dict = {}
 
 ACT_NONE = -1
 SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny kernel
+# The tensor-core path runs when the rows per expert average more than this (a host-side
+# bound, no synchronisation). Measured on an H200 (docs/gpu_results.md, 2026-12-01):
+# OLMoE T=512 (64 rows/expert) 4.1 ms vs 8.3 ms numba-only, T=4096 4.6 vs 24.3 ms; at
+# 32 rows/expert (Qwen3-MoE T=512) and below the numba kernels were faster.
+MMA_MIN_ROWS_PER_EXPERT = SKINNY_MAX_ROWS
 
 
 # ----------------------------------------------------------------- configs
@@ -330,7 +335,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         last_path.clear()
         last_path.update(path)
         return out
-    if (narrow and not force and gemm != "numba" and work.has("tiled")
+    if (narrow and not force and gemm != "numba" and N > MMA_MIN_ROWS_PER_EXPERT * E
             and _mma_module().usable(a, wg, wu, wd)
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
                          sval, work, N, F)):
@@ -364,8 +369,12 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
 
 
 def _decode_ok(work, wg, wu, wd):
-    """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?"""
-    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
+    """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?
+
+    Opt-in (``NUMOE_CUDA_DECODE=1``): correct on an H200, but in its one measurement
+    (2026-12-01) no faster than the numba skinny kernel, whose cost at decode sizes is
+    launch overhead rather than weight traffic."""
+    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "0") != "1":
         return False
     from . import decode
 
