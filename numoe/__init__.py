@@ -10,6 +10,7 @@ from .losses import (expert_counts, load_balancing_loss, router_z_loss, routing_
 from .config import MoEConfig
 from .layer import MoELayer, moe, moe_expert_computation, moe_gating_forward
 from . import reference
+from . import loading, distributed      # (mpi4py is imported only when a communicator is used)
 from .routing import route_backward, router_probs_backward
 from .dispatch import permute_backward, unpermute_backward
 from .experts import ExpertGrads, expert_ffn_backward
@@ -33,7 +34,7 @@ __all__ = [
     "expert_counts",
     "load_balancing_loss", "router_z_loss", "routing_stats", "update_bias",
     "MoEConfig", "MoELayer", "moe", "moe_expert_computation", "moe_gating_forward",
-    "reference",
+    "reference", "loading", "distributed",
     "route_backward", "router_probs_backward", "permute_backward", "unpermute_backward",
     "ExpertGrads", "expert_ffn_backward", "load_balancing_loss_backward",
     "router_z_loss_backward", "info",

@@ -237,7 +237,7 @@ def _grad_operand(name, a, dtype, shape):
     if a is None:
         return None, None
     arr = np.asarray(a)                     # (dequantizes a QuantizedArray)
-    store = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float32)
+    store = D.native(arr.dtype) if D.native(arr.dtype) in D.FLOATS else D.FLOAT32
     arr = V.float_array(name, arr, dtype=dtype)
     return V.shape(name, arr, shape), store
 

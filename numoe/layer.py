@@ -872,61 +872,6 @@ def _info(logits, routing, plan, cfg):
     return dict(logits=logits, routing=routing, plan=plan, aux_loss=aux, z_loss=z, stats=stats)
 
 
-# ------------------------------------------------------- tiny device helpers
-_DEV_KERNELS = {}
-cuda = None            # numba.cuda, imported on first device use (a module global, so
-                       # that the CUDA simulator can swap it inside the kernels)
-
-
-def _dev_kernels():
-    """Two elementwise CUDA kernels the device forward needs (compiled on first use)."""
-    global cuda
-    if not _DEV_KERNELS:
-        from numba import cuda as _cuda
-
-        cuda = _cuda
-
-        @cuda.jit
-        def add_row(a, b):                  # a[t, e] += b[e]
-            i = cuda.grid(1)
-            n = a.shape[0] * a.shape[1]
-            while i < n:
-                t, e = i // a.shape[1], i % a.shape[1]
-                a[t, e] += b[e]
-                i += cuda.gridsize(1)
-
-        @cuda.jit
-        def add_shared(y, sh, gate, gated):  # y[t] += sigmoid(gate[t]) * sh[t]  (or sh[t])
-            i = cuda.grid(1)
-            n = y.shape[0] * y.shape[1]
-            while i < n:
-                t, j = i // y.shape[1], i % y.shape[1]
-                g = 1.0
-                if gated:
-                    g = 1.0 / (1.0 + math.exp(-gate[t, 0]))
-                y[t, j] += g * sh[t, j]
-                i += cuda.gridsize(1)
-
-        _DEV_KERNELS.update(add_row=add_row, add_shared=add_shared)
-    return _DEV_KERNELS
-
-
-def _launch(kernel, n, *args):
-    if n:
-        blocks = min(1024, (n + 255) // 256)
-        kernel[blocks, 256](*args)
-
-
-def _dev_add_row(a, b):
-    _launch(_dev_kernels()["add_row"], a.shape[0] * a.shape[1], a, b)
-
-
-def _dev_add_shared(y, sh, gate):
-    gated = gate is not None
-    g = gate if gated else sh
-    _launch(_dev_kernels()["add_shared"], y.shape[0] * y.shape[1], y, sh, g, gated)
-
-
 # ------------------------------------------------------- functional forms
 def moe(x, layer_or_weights, config=None):
     """Functional MoE layer: ``y = layer(x)``.
@@ -1133,7 +1078,7 @@ def moe_expert_computation(x, expert_weights, expert_indices, expert_params, con
                             sd.reshape((1,) + sd.shape))
             gw = p.get("shared_gate_weight")
             gate = None if gw is None else cuda_module("gemm").matmul(x2, gw.reshape(-1, 1))
-            _dev_add_shared(y, sh, gate)
+            cuda_module("moe").add_shared(y, sh, gate)
         else:
             from ._cpu import experts as cpu
             sh = expert_ffn(x2, [0, T], np.asarray(sg)[None], np.asarray(su)[None],

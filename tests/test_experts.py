@@ -238,7 +238,8 @@ def test_validation_dtypes():
     _err(TypeError, "w_down", w_down=kw["w_down"].astype(np.float64))
     _err(TypeError, "b_gate", b_gate=kw["b_gate"].astype(np.float64))
     _err(TypeError, "xs", xs=xs.astype(np.int64))
-    _err(TypeError, "w_gate", w_gate=kw["w_gate"].astype(np.float16))
+    _err(TypeError, "w_gate", w_gate=kw["w_gate"].astype(np.float64))
+    _err(TypeError, "w_gate", w_gate=kw["w_gate"].astype(np.int32))
 
 
 def test_validation_options():

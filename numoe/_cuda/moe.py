@@ -99,9 +99,7 @@ def forward(layer, x, *, gemm=None, return_parts=False):
                   0, math.inf, 1.702, sh, None, None, gemm=gemm)
         gw = layer.shared_gate_weight
         gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)), out_dtype=ct)
-        bs = A.block(256)
-        launch(_add_shared, A.grid(T * H, bs), bs, 0, y, sh,
-               gate if gate is not None else sh, gate is not None)
+        add_shared(y, sh, gate)
     if status is not None:
         R.check_status(status)           # the one synchronisation of the dropless forward
     y = A.reshape(A.astype(y, x2.dtype), lead + (H,))
@@ -119,6 +117,14 @@ def _add_row(a, b):
     for i in range(cuda.grid(1), n, cuda.gridsize(1)):
         e = i % a.shape[1]
         a[i // a.shape[1], e] += b[e]
+
+
+def add_shared(y, sh, gate):
+    """``y += sigmoid(gate) * sh`` (or ``y += sh`` when ``gate`` is None), on the device."""
+    if y.shape[0] * y.shape[1]:
+        bs = A.block(256)
+        launch(_add_shared, A.grid(y.shape[0] * y.shape[1], bs), bs, 0, y, sh,
+               gate if gate is not None else sh, gate is not None)
 
 
 @cuda.jit
