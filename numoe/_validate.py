@@ -23,10 +23,22 @@ def _as_ndarray(name, a):
     try:
         arr = np.asarray(a)
     except Exception as exc:  # noqa: BLE001
-        raise TypeError(f"{name} must be array-like, got {type(a).__name__}") from exc
+        hint = ""
+        if hasattr(a, "detach"):     # a torch tensor that NumPy cannot read as it is
+            hint = (f"; pass {name}.detach().cpu().numpy() (a bfloat16 tensor: "
+                    f"{name}.detach().float().cpu().numpy())")
+        raise TypeError(f"{name} must be array-like, got {type(a).__name__}{hint}") from exc
     if arr.dtype == object:
         raise TypeError(f"{name} must be a numeric array, got dtype object")
     return arr
+
+
+def sequence_as(name, a, dtype):
+    """A list or tuple (no dtype of its own) read as ``dtype``, as ``np.asarray`` would."""
+    try:
+        return np.asarray(a, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a nested list of numbers, got {exc}") from exc
 
 
 def float_array(name, a, *, ndim=None, dtype=None):
@@ -120,6 +132,13 @@ def real(name, v, *, finite=True, lo=None):
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
     return v
+
+
+def flag(name, v):
+    """``v`` must be a bool (Python or NumPy); returns it as a Python bool."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
 
 
 def choice(name, v, options):

@@ -472,10 +472,10 @@ class ExpertParallel:
             renormalize=cfg.renormalize, scale=cfg.scale), dtype=np.float64)
         if aux_loss_coef and T:
             row = aux_loss_coef * E * (ep["counts"] / (Tg * k)) / Tg
-            probs = router_probs(lg, cfg.score)
+            probs = router_probs(lg, cfg.score, normalize=True)
             d_p = np.empty(np.shape(probs), np.asarray(probs).dtype)
             d_p[...] = row.astype(d_p.dtype)
-            d_logits += router_probs_backward(lg, d_p, score=cfg.score)
+            d_logits += router_probs_backward(lg, d_p, score=cfg.score, normalize=True)
         if z_loss_coef and T:
             d_logits += router_z_loss_backward(lg, d_loss=z_loss_coef * T / Tg)
         d_logits = d_logits.astype(cdt)
@@ -680,7 +680,8 @@ class ExpertParallel:
         T = logits.shape[0]
         part = np.zeros(2 * E + 1)
         if T:
-            part[:E] = np.asarray(router_probs(logits, cfg.score), np.float64).sum(axis=0)
+            part[:E] = np.asarray(router_probs(logits, cfg.score, normalize=True),
+                                  np.float64).sum(axis=0)
             part[E:2 * E] = np.bincount(routing.experts.reshape(-1), minlength=E)
             part[2 * E] = info["z_loss"] * T
         parts = self.comm.allgather(part)

@@ -214,8 +214,7 @@ class MoELayer:
         if not quant and D.compute_dtype(wdt).itemsize > D.compute_dtype(dt).itemsize:
             wdt = dt                  # weights wider than the activations: cast once, here
         sdt = dt if quant else wdt    # the other arrays (router, biases, shared MLP)
-        if not isinstance(batch_invariant, (bool, np.bool_)):
-            raise TypeError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+        V.flag("batch_invariant", batch_invariant)
         self.config = cfg
         self.dtype = dt
         self.weight_dtype = wdt
@@ -571,7 +570,7 @@ class MoELayer:
             ``logits [T, E]``, ``routing`` (:class:`numoe.Routing`, ``[T, k]``),
             ``plan`` (:class:`numoe.DispatchPlan`), ``aux_loss`` (load
             balancing, :func:`numoe.load_balancing_loss` on the router
-            scores), ``z_loss`` (:func:`numoe.router_z_loss`) and ``stats``
+            scores, sigmoid scores normalised per token: 1.0 = balanced), ``z_loss`` (:func:`numoe.router_z_loss`) and ``stats``
             (:func:`numoe.routing_stats`). Leading dims of ``x`` are
             flattened to ``T`` tokens here.
         """
@@ -587,7 +586,9 @@ class MoELayer:
         return y, _info(logits, routing, plan, self.config)
 
     def _host_tokens(self, x):
-        x2, lead = V.tokens_2d("x", x)
+        if isinstance(x, (list, tuple)):     # no dtype of its own: read in the layer's
+            x = V.float_array("x", V.sequence_as("x", x, self.dtype))
+        x2, lead = V.tokens_2d("x", x, min_ndim=1)      # 1-D: one token
         H = self.config.hidden_dim
         if x2.shape[1] != H:
             raise ValueError(f"x must have last dim hidden_dim = {H}, got shape {np.shape(x)}")
@@ -792,9 +793,10 @@ class MoELayer:
             lg, routing, d_w.reshape(T, k).astype(lg.dtype), score=cfg.score,
             renormalize=cfg.renormalize, scale=cfg.scale), dtype=np.float64)
         if aux_loss_coef and T:
-            d_p = load_balancing_loss_backward(router_probs(lg, cfg.score), routing.experts,
+            d_p = load_balancing_loss_backward(router_probs(lg, cfg.score, normalize=True),
+                                               routing.experts,
                                                d_loss=aux_loss_coef)
-            d_logits += router_probs_backward(lg, d_p, score=cfg.score)
+            d_logits += router_probs_backward(lg, d_p, score=cfg.score, normalize=True)
         if z_loss_coef and T:
             d_logits += router_z_loss_backward(lg, d_loss=z_loss_coef)
         d_logits = d_logits.astype(cdt)
@@ -864,7 +866,8 @@ def _info(logits, routing, plan, cfg):
     """The ``info`` dict of :meth:`MoELayer.forward`."""
     T = logits.shape[0]
     if T:
-        aux = load_balancing_loss(router_probs(logits, cfg.score), routing.experts)
+        aux = load_balancing_loss(router_probs(logits, cfg.score, normalize=True),
+                                  routing.experts)
         z = router_z_loss(logits)
     else:
         aux = z = 0.0
@@ -929,8 +932,8 @@ def moe_gating_forward(x, gate_weights, config):
     expert_weights : (T, k) float array, dtype of ``x``
     expert_indices : (T, k) int32 array
     load_loss : float
-        :func:`numoe.load_balancing_loss` of the router scores (1.0 at
-        perfect balance).
+        :func:`numoe.load_balancing_loss` of the router scores (sigmoid
+        scores normalised per token; 1.0 at perfect balance).
 
     Examples
     --------
@@ -959,7 +962,7 @@ def moe_gating_forward(x, gate_weights, config):
     r = route(logits, cfg.top_k, score=cfg.score, renormalize=cfg.renormalize,
               n_groups=cfg.n_groups, topk_groups=cfg.topk_groups,
               group_score=cfg.group_score, scale=cfg.scale)
-    loss = load_balancing_loss(router_probs(logits, cfg.score), r.experts) \
+    loss = load_balancing_loss(router_probs(logits, cfg.score, normalize=True), r.experts) \
         if logits.shape[0] else 0.0
     return r.weights, r.experts, loss
 

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 
-from . import _dtypes as D
+from . import _dtypes as D, _validate as V
 from .config import MoEConfig
 
 __all__ = ["FAMILIES", "from_hf", "from_state_dict", "from_safetensors", "config_from_hf",
@@ -515,8 +515,7 @@ def _load_options(layer_cls, dtype, weight_dtype, batch_invariant):
     wdt = None if weight_dtype is None or int8 else \
         D.as_float_dtype("weight_dtype", weight_dtype)
     dt = None if dtype is None else D.as_float_dtype("dtype", dtype)
-    if not isinstance(batch_invariant, (bool, np.bool_)):
-        raise TypeError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+    V.flag("batch_invariant", batch_invariant)
     return _Load(layer_cls, wdt, int8, dt, bool(batch_invariant))
 
 

@@ -22,13 +22,18 @@ from ._types import DispatchPlan, Routing
 
 
 # ----------------------------------------------------------------- routing
-def router_probs(logits, score="softmax"):
-    """Full scores ``[T, E]``: softmax over experts or elementwise sigmoid."""
+def router_probs(logits, score="softmax", normalize=False):
+    """Full scores ``[T, E]``: softmax over experts or elementwise sigmoid
+    (``normalize``: sigmoid rows divided by their sum)."""
     z = np.asarray(logits, dtype=np.float64)
     if score == "softmax":
         return special.softmax(z, axis=-1)
     if score == "sigmoid":
-        return special.expit(z)
+        s = special.expit(z)
+        if normalize:
+            total = s.sum(axis=-1, keepdims=True)
+            s = np.where(total > 0, s / np.where(total > 0, total, 1.0), 0.0)
+        return s
     raise ValueError(score)
 
 
@@ -267,10 +272,15 @@ def moe_forward(x, *, router, w_gate, w_up, w_down, top_k, score="softmax",
 # in float64, with every selection (top-k, groups, selection bias, capacity
 # drops) held fixed. They are checked against finite differences in
 # tests/test_backward.py.
-def router_probs_backward(logits, d_probs, score="softmax"):
+def router_probs_backward(logits, d_probs, score="softmax", normalize=False):
     """``d_logits`` of :func:`router_probs` given ``d_probs``."""
     s = router_probs(logits, score)
     g = np.asarray(d_probs, dtype=np.float64)
+    if normalize and score == "sigmoid":      # through p = s / S
+        total = s.sum(axis=-1, keepdims=True)
+        p = router_probs(logits, score, normalize=True)
+        g = np.where(total > 0, (g - np.sum(g * p, axis=-1, keepdims=True))
+                     / np.where(total > 0, total, 1.0), 0.0)
     if score == "softmax":
         return s * (g - np.sum(g * s, axis=-1, keepdims=True))
     return g * s * (1.0 - s)

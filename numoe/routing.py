@@ -43,8 +43,7 @@ def _check_route_options(num_experts, k, score, renormalize, bias_shape, n_group
     E = num_experts
     V.choice("score", score, SCORES)
     V.choice("group_score", group_score, GROUP_SCORES)
-    if not isinstance(renormalize, (bool, np.bool_)):
-        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    V.flag("renormalize", renormalize)
     k = V.integer("k", k, lo=1)
     if k > E:
         raise ValueError(f"k must be <= the number of experts ({E}), got {k}")
@@ -188,7 +187,7 @@ def route(logits, k, *, score="softmax", renormalize=True, bias=None, n_groups=1
     return Routing(weights.reshape(lead + (k,)), experts.reshape(lead + (k,)))
 
 
-def router_probs(logits, score="softmax"):
+def router_probs(logits, score="softmax", *, normalize=False):
     """Full router scores.
 
     Parameters
@@ -199,6 +198,11 @@ def router_probs(logits, score="softmax"):
         everywhere).
     score : {"softmax", "sigmoid"}
         Softmax over the experts, or an elementwise sigmoid.
+    normalize : bool
+        Divide each row of sigmoid scores by its sum (a row of zeros stays
+        zero), as DeepSeek-V3 does before its balance loss, so that
+        :func:`numoe.load_balancing_loss` of them is 1.0 at perfect balance.
+        Softmax rows already sum to 1 and are returned unchanged.
 
     Returns
     -------
@@ -212,18 +216,27 @@ def router_probs(logits, score="softmax"):
     >>> numoe.router_probs(np.array([[0.0, 0.0]]))
     array([[0.5, 0.5]])
     """
+    normalize = V.flag("normalize", normalize)
     if backend_of(logits=logits) == "cuda":
-        return cuda_module("routing").router_probs(logits, score=score)
+        return cuda_module("routing").router_probs(logits, score=score, normalize=normalize)
     V.choice("score", score, SCORES)
     z, lead = _expert_rows("logits", logits)
     z, dt = widened(z)
-    out = np.empty_like(z)
-    status = np.empty(z.shape[0], dtype=np.uint8)
     use_sigmoid = score == "sigmoid"
+    out = np.empty(z.shape, np.float64 if normalize and use_sigmoid else z.dtype)
+    status = np.empty(z.shape[0], dtype=np.uint8)
     if z.size:
         cpu.probs(z, use_sigmoid, _CHUNK, out, status)
         _raise_row_status("logits", status)
+        if normalize and use_sigmoid:
+            out = _normalized_rows(out)
     return out.astype(dt, copy=False).reshape(lead + (z.shape[1],))
+
+
+def _normalized_rows(s):
+    """``s / sum(s)`` per row of a float64 ``[T, E]`` (rows of zeros stay zero)."""
+    total = s.sum(axis=1, keepdims=True)
+    return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
 
 
 # ------------------------------------------------------------------ backward
@@ -237,7 +250,7 @@ def _backward_rows(name, a):
     return z, lead, dt
 
 
-def router_probs_backward(logits, d_probs, *, score="softmax"):
+def router_probs_backward(logits, d_probs, *, score="softmax", normalize=False):
     """Vector-Jacobian product of :func:`router_probs`.
 
     Parameters
@@ -247,12 +260,17 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
     d_probs : [..., E] float
         Gradient of the loss with respect to the scores (finite).
     score : {"softmax", "sigmoid"}
+    normalize : bool
+        As given to :func:`router_probs` (sigmoid rows divided by their sum).
 
     Returns
     -------
     d_logits : [..., E] float, dtype of ``logits``
         ``s * (d_probs - sum(d_probs * s))`` (softmax) or
         ``d_probs * s * (1 - s)`` (sigmoid), computed in float64 per row.
+        With ``normalize`` (sigmoid), ``d_probs`` first goes through the
+        row normalisation: ``(d_probs - sum(d_probs * p)) / sum(s)`` with
+        ``p = s / sum(s)``.
 
     Examples
     --------
@@ -260,8 +278,10 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
     >>> numoe.router_probs_backward(np.zeros((1, 2)), np.array([[1.0, 0.0]]))
     array([[ 0.25, -0.25]])
     """
+    normalize = V.flag("normalize", normalize)
     if backend_of(logits=logits, d_probs=d_probs) == "cuda":
-        return cuda_module("routing").router_probs_backward(logits, d_probs, score=score)
+        return cuda_module("routing").router_probs_backward(logits, d_probs, score=score,
+                                                            normalize=normalize)
     V.choice("score", score, SCORES)
     z, lead, dt = _backward_rows("logits", logits)
     g, _ = _widened_float("d_probs", d_probs)
@@ -270,6 +290,14 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
                          f", got {g.shape}")
     g = g.reshape(z.shape)
     V.check_finite("d_probs", g)
+    if normalize and score == "sigmoid" and z.size:
+        # through p = s / S: d_s = (d_p - sum(d_p * p)) / S, then the sigmoid's own
+        s = np.asarray(router_probs(z.astype(np.float64), "sigmoid"))
+        total = s.sum(axis=1, keepdims=True)
+        p = _normalized_rows(s)
+        g64 = g.astype(np.float64)
+        g = np.divide(g64 - (g64 * p).sum(axis=1, keepdims=True), total,
+                      out=np.zeros_like(s), where=total > 0)
     out = np.zeros_like(z)
     status = np.empty(z.shape[0], dtype=np.uint8)
     if z.size:
@@ -324,8 +352,7 @@ def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=T
         return cuda_module("routing").route_backward(
             logits, routing, d_weights, score=score, renormalize=renormalize, scale=scale)
     V.choice("score", score, SCORES)
-    if not isinstance(renormalize, (bool, np.bool_)):
-        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    V.flag("renormalize", renormalize)
     scale = V.real("scale", scale)
     z, lead, dt = _backward_rows("logits", logits)
     T, E = z.shape

@@ -95,16 +95,19 @@ def test_route_backward_matches_reference_and_finite_differences(case):
     close(want[finite], num[finite], rtol=1e-6, atol=1e-7)
 
 
-@given(st.integers(0, 5), st.integers(1, 6), st.sampled_from(["softmax", "sigmoid"]), seeds)
-def test_router_probs_backward(T, E, score, seed):
+@given(st.integers(0, 5), st.integers(1, 6), st.sampled_from(["softmax", "sigmoid"]),
+       st.booleans(), seeds)
+def test_router_probs_backward(T, E, score, norm, seed):
     rng = np.random.default_rng(seed)
     z, g = rng.normal(0, 2, (2, T, E))
-    got = numoe.router_probs_backward(z, g, score=score)
-    want = ref.router_probs_backward(z, g, score)
-    close(got, want, rtol=1e-12)
-    num = fd_grad(lambda zz: float(np.sum(ref.router_probs(zz, score) * g)), z.copy())
+    got = numoe.router_probs_backward(z, g, score=score, normalize=norm)
+    want = ref.router_probs_backward(z, g, score, normalize=norm)
+    close(got, want, rtol=1e-12, atol=1e-15)
+    num = fd_grad(lambda zz: float(np.sum(ref.router_probs(zz, score, normalize=norm) * g)),
+                  z.copy())
     close(want, num, rtol=1e-6, atol=1e-8)
-    got32 = numoe.router_probs_backward(z.astype(np.float32), g.astype(np.float32), score=score)
+    got32 = numoe.router_probs_backward(z.astype(np.float32), g.astype(np.float32), score=score,
+                                        normalize=norm)
     assert got32.dtype == np.float32
     close(got32, want, rtol=1e-5, atol=1e-6)
 
@@ -372,7 +375,8 @@ def layer_loss_ref(layer, x, d_y, params, aux, zc, fixed):
                              drop_policy=cfg.drop_policy)
     assert np.array_equal(r.experts, fixed[0]) and np.array_equal(plan.dropped, fixed[1])
     y = ref.moe_forward(x, top_k=cfg.top_k, **kw)
-    aux_v = ref.load_balancing_loss(ref.router_probs(lg, cfg.score), r.experts) if len(x) else 0
+    aux_v = ref.load_balancing_loss(ref.router_probs(lg, cfg.score, normalize=True),
+                                    r.experts) if len(x) else 0
     z_v = ref.router_z_loss(lg) if len(x) else 0
     return float(np.sum(y * d_y) + aux * aux_v + zc * z_v)
 

@@ -79,6 +79,10 @@ def test_router_probs_backward(dtype, score):
     assert is_device(got)
     close(got, ref.router_probs_backward(z.astype(np.float64), g, score), dtype)
     close(got, numoe.router_probs_backward(z, g, score=score), dtype)
+    gn = numoe.router_probs_backward(dev(z), dev(g), score=score, normalize=True)
+    close(gn, ref.router_probs_backward(z.astype(np.float64), g, score, normalize=True), dtype)
+    close(numoe.router_probs(dev(z), score, normalize=True),
+          ref.router_probs(z.astype(np.float64), score, normalize=True), dtype)
     # leading dims are kept
     got3 = numoe.router_probs_backward(dev(z[:6].reshape(2, 3, 5)),
                                        dev(g[:6].reshape(2, 3, 5)), score=score)

@@ -302,15 +302,65 @@ def test_forward_validation():
     with pytest.raises(ValueError, match="x"):
         layer(np.zeros((4, 31), np.float32))
     with pytest.raises(ValueError, match="x"):
-        layer(np.zeros(32, np.float32))
+        layer(np.zeros(31, np.float32))
+    with pytest.raises(ValueError, match="x"):
+        layer(np.float32(1.0))
     with pytest.raises(TypeError, match="x"):
         layer(np.zeros((4, 32), np.float64))
+    with pytest.raises(TypeError, match="x"):
+        layer([["a"] * 32])
     with pytest.raises(TypeError, match="x"):
         layer(np.zeros((4, 32), np.int64))
     bad = np.zeros((4, 32), np.float32)
     bad[2, 3] = np.nan
     with pytest.raises(ValueError, match="x"):
         layer(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_token_and_nested_lists(dtype):
+    """A 1-D x is one token; a nested list is read in the layer's dtype."""
+    layer = MoELayer.random(config("olmoe"), seed=0, dtype=dtype)
+    x = np.random.default_rng(1).standard_normal((3, 32)).astype(dtype)
+    y = layer(x)
+    y1 = layer(x[1])
+    assert y1.shape == (32,) and y1.dtype == dtype
+    np.testing.assert_array_equal(y1, layer(x[1:2])[0])
+    yl = layer(x.tolist())
+    assert yl.dtype == dtype
+    np.testing.assert_array_equal(yl, y)
+    np.testing.assert_array_equal(layer(tuple(x[0].tolist())), layer(x[0]))
+    g = layer.backward(x[0], layer.forward(x[0], return_info=True)[1], np.ones(32, dtype))
+    assert g["x"].shape == (32,)
+
+
+def test_torch_tensor_that_requires_grad_says_detach():
+    torch = pytest.importorskip("torch")
+    layer = MoELayer.random(config("olmoe"), seed=0)
+    with pytest.raises(TypeError, match=r"x\.detach\(\)"):
+        layer(torch.zeros(2, 32, requires_grad=True))
+    y = layer(torch.ones(2, 32))           # a plain CPU tensor is read like an array
+    np.testing.assert_array_equal(y, layer(np.ones((2, 32), np.float32)))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "mixtral"])
+def test_aux_loss_is_one_when_balanced(name):
+    """Sigmoid scores are normalised per token before the balance term (as DeepSeek-V3
+    does), so 1.0 means balanced for every router; exactly 1 for uniform scores and an
+    even split, near 1 for a random layer, and the value of the reference's formula."""
+    cfg = config(name)
+    E, k = cfg.num_experts, cfg.top_k
+    T = 4 * E
+    experts = (np.arange(T * k).reshape(T, k) % E).astype(np.int32)
+    p = numoe.router_probs(np.zeros((T, E)), cfg.score, normalize=True)
+    assert numoe.load_balancing_loss(p, experts) == pytest.approx(1.0, rel=1e-12)
+    layer = MoELayer.random(cfg, seed=0, dtype=np.float64)
+    x = np.random.default_rng(1).standard_normal((512, 32))
+    _, info = layer.forward(x, return_info=True)
+    assert 0.9 < info["aux_loss"] < 2.0
+    want = ref.load_balancing_loss(ref.router_probs(info["logits"], cfg.score, normalize=True),
+                                   info["routing"].experts)
+    assert info["aux_loss"] == pytest.approx(want, rel=1e-12)
 
 
 def test_selection_bias_is_updatable():

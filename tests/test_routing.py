@@ -47,13 +47,15 @@ def test_route_matches_reference(problem, score, renormalize, scale):
     assert_weights(w, ref.weights, z.dtype)
 
 
-@given(sizes(max_T=200, max_E=40), dtypes, seeds, st.sampled_from(SCORES))
-def test_router_probs_matches_reference(size, dtype, seed, score):
+@given(sizes(max_T=200, max_E=40), dtypes, seeds, st.sampled_from(SCORES), st.booleans())
+def test_router_probs_matches_reference(size, dtype, seed, score, norm):
     T, E, _ = size
     z = make_logits(np.random.default_rng(seed), (T, E), dtype, "masked")
-    p = numoe.router_probs(z, score)
+    p = numoe.router_probs(z, score, normalize=norm)
     assert p.dtype == dtype and p.shape == (T, E)
-    np.testing.assert_allclose(p, R.router_probs(z, score), **tols(dtype))
+    np.testing.assert_allclose(p, R.router_probs(z, score, normalize=norm), **tols(dtype))
+    if norm and T:
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, **tols(dtype))
 
 
 def _ref_pieces(z, bias, score, n_groups, topk_groups, group_score):
@@ -401,6 +403,8 @@ BAD = [
     ("router_probs all -inf", lambda: numoe.router_probs(np.full((2, 3), -np.inf)), ValueError,
      "logits"),
     ("router_probs score", lambda: numoe.router_probs(Z, "tanh"), ValueError, "score"),
+    ("router_probs normalize", lambda: numoe.router_probs(Z, normalize="yes"), TypeError,
+     "normalize"),
 ]
 
 
@@ -412,6 +416,11 @@ def test_bad_inputs(call, exc, name):
 
 def test_sigmoid_allows_rows_of_masked_experts():
     assert numoe.router_probs(np.full((2, 3), -np.inf), "sigmoid").tolist() == [[0.0] * 3] * 2
+    for norm in (False, True):
+        z = np.full((2, 3), -np.inf)
+        assert numoe.router_probs(z, "sigmoid", normalize=norm).tolist() == [[0.0] * 3] * 2
+        assert numoe.router_probs_backward(z, np.ones((2, 3)), score="sigmoid",
+                                           normalize=norm).tolist() == [[0.0] * 3] * 2
 
 
 @pytest.mark.skipif(SIM, reason="simulator: tiny sizes only")

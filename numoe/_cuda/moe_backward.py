@@ -87,9 +87,10 @@ def backward(layer, x, info, d_y, *, aux_loss_coef=0.0, z_loss_coef=0.0):
                                          renormalize=cfg.renormalize, scale=cfg.scale),
                         np.float64)
     if aux_loss_coef and T:
-        d_p = L.load_balancing_loss_backward(R.router_probs(logits, cfg.score),
+        d_p = L.load_balancing_loss_backward(R.router_probs(logits, cfg.score, normalize=True),
                                              routing.experts, d_loss=aux_loss_coef)
-        _add_into(d_logits, R.router_probs_backward(logits, d_p, score=cfg.score))
+        _add_into(d_logits, R.router_probs_backward(logits, d_p, score=cfg.score,
+                                                     normalize=True))
     if z_loss_coef and T:
         _add_into(d_logits, L.router_z_loss_backward(logits, d_loss=z_loss_coef))
     d_logits = A.astype(d_logits, ct)

@@ -135,7 +135,7 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
     return Routing(A.reshape(weights, lead + (k,)), A.reshape(experts, lead + (k,))), res
 
 
-def router_probs(logits, score="softmax"):
+def router_probs(logits, score="softmax", *, normalize=False):
     """Device twin of :func:`numoe.router_probs`."""
     from ..routing import SCORES
 
@@ -144,13 +144,27 @@ def router_probs(logits, score="softmax"):
     out_dtype = z.dtype
     z = A.compute(z)
     T, E = z.shape
-    out = A.empty((T, E), z.dtype)
+    norm = normalize and score == "sigmoid"
+    out = A.empty((T, E), np.float64 if norm else z.dtype)
     if z.size:
         res = A.zeros((2,), np.int64)
         bs = A.block(128)
         launch(_probs_kernel, A.grid(T, bs, 8), bs, 0, z, score == "sigmoid", out, res)
         _raise_status("logits", res.copy_to_host())
+        if norm:
+            launch(_normalize_rows_kernel, A.grid(T, bs, 8), bs, 0, out)
     return A.reshape(A.astype(out, out_dtype), lead + (E,))
+
+
+@cuda.jit
+def _normalize_rows_kernel(s):
+    """``s[t] /= sum(s[t])`` in place (float64; a row of zeros stays zero)."""
+    for t in range(cuda.grid(1), s.shape[0], cuda.gridsize(1)):
+        total = 0.0
+        for e in range(s.shape[1]):
+            total += s[t, e]
+        for e in range(s.shape[1]):
+            s[t, e] = s[t, e] / total if total > 0.0 else 0.0
 
 
 # ------------------------------------------------------------ device helpers
@@ -420,7 +434,7 @@ def _grad_rows(name, a, lead, E):
     return A.reshape(d, (T, E))
 
 
-def router_probs_backward(logits, d_probs, *, score="softmax"):
+def router_probs_backward(logits, d_probs, *, score="softmax", normalize=False):
     """Device twin of :func:`numoe.router_probs_backward`."""
     from ..routing import SCORES
 
@@ -435,6 +449,10 @@ def router_probs_backward(logits, d_probs, *, score="softmax"):
     if T:
         res = A.zeros((2,), np.int64)
         bs = A.block(128)
+        if normalize and score == "sigmoid":     # through p = s / sum(s) first
+            g2 = A.empty((T, E), np.float64)
+            launch(_normalize_backward_kernel, A.grid(T, bs, 8), bs, 0, z, g, g2)
+            g = g2
         launch(_probs_backward_kernel, A.grid(T, bs, 8), bs, 0, z, g, score == "sigmoid",
                out, res)
         _raise_status("logits", res.copy_to_host())
@@ -518,6 +536,22 @@ def _probs_backward_kernel(z, g, sigm, out, res):
         for e in range(E):
             s = math.exp(float64(row[e]) - m) / total
             out[t, e] = s * (float64(g[t, e]) - dot)
+
+
+@cuda.jit
+def _normalize_backward_kernel(z, g, out):
+    """``out[t] = (g - sum(g * p)) / S``: ``d s`` of ``p = s / S``, ``s = sigmoid(z[t])``."""
+    E = z.shape[1]
+    for t in range(cuda.grid(1), z.shape[0], cuda.gridsize(1)):
+        total = 0.0
+        for e in range(E):
+            total += _sigmoid(float64(z[t, e]))
+        dot = 0.0
+        if total > 0.0:
+            for e in range(E):
+                dot += float64(g[t, e]) * (_sigmoid(float64(z[t, e])) / total)
+        for e in range(E):
+            out[t, e] = (float64(g[t, e]) - dot) / total if total > 0.0 else 0.0
 
 
 @cuda.jit
