@@ -570,7 +570,8 @@ class MoELayer:
             ``logits [T, E]``, ``routing`` (:class:`numoe.Routing`, ``[T, k]``),
             ``plan`` (:class:`numoe.DispatchPlan`), ``aux_loss`` (load
             balancing, :func:`numoe.load_balancing_loss` on the router
-            scores, sigmoid scores normalised per token: 1.0 = balanced), ``z_loss`` (:func:`numoe.router_z_loss`) and ``stats``
+            scores, sigmoid scores normalised per token: 1.0 = balanced),
+            ``z_loss`` (:func:`numoe.router_z_loss`) and ``stats``
             (:func:`numoe.routing_stats`). Leading dims of ``x`` are
             flattened to ``T`` tokens here.
         """
