@@ -306,9 +306,12 @@ def _read_pass(a, chunks):
     step = (n + chunks - 1) // chunks
     part = np.zeros(chunks, dtype=np.float32)
     for c in prange(chunks):
+        # index a slice from 0: with a signed start, Numba's negative-index wrap turns
+        # the loads into gathers (4 GB/s instead of the bandwidth, on Zen 4)
+        seg = a[c * step:min(n, (c + 1) * step)]
         s = np.float32(0.0)
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += a[i]
+        for i in range(seg.size):
+            s += seg[i]
         part[c] = s
     return part.sum()
 
