@@ -116,6 +116,8 @@ def test_rows_independent_of_batch(path):
         np.testing.assert_array_equal(G.bf16_matmul(a[i:i + 1], p, force=path), full[i:i + 1])
     for lo, hi in [(0, 6), (5, 11), (3, 20), (17, 23), (0, 32), (1, 49), (30, 70)]:
         np.testing.assert_array_equal(G.bf16_matmul(a[lo:hi], p, force=path), full[lo:hi])
+        # an unpacked weight (AVX512-BF16: packed block by block inside the call): same bits
+        np.testing.assert_array_equal(G.bf16_matmul(a[lo:hi], w, force=path), full[lo:hi])
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -414,20 +414,37 @@ def _tile_rows(ab, at):
 
 
 @kernel
-def _pack(w, out):
-    """``out[jp, p, c, t] = w[2p + t, jp*NR + c]``, zero outside ``w``; ``out [Np, Kp2, NR, 2]``."""
-    K, N = w.shape
-    Np, Kp2, nr, _ = out.shape
-    for jp in range(Np):
-        for p in range(Kp2):
-            for t in range(2):
-                k = 2 * p + t
+def _pack_block(wb, p0, p1, blk):
+    """``blk[jp, q, c] = wb[2p, n] | wb[2p + 1, n] << 16`` (uint32: the bf16 pair of K rows
+    ``2p, 2p+1`` at column ``n = jp*NR + c``) for ``p = p0 + q < p1``, zero outside ``wb``.
+
+    ``blk [Np, >= p1 - p0, NR]``. Reads whole weight rows front to back (the
+    contiguous order the memory system streams best).
+    """
+    K, N = wb.shape
+    Np, _, nr = blk.shape
+    full = N // nr
+    for q in range(p1 - p0):
+        k = 2 * (p0 + q)
+        if k + 1 < K:
+            r0 = wb[k]
+            r1 = wb[k + 1]
+            for jp in range(full):
+                d = blk[jp, q]
+                a0 = r0[jp * nr:jp * nr + nr]      # slices indexed from 0: vector loads
+                a1 = r1[jp * nr:jp * nr + nr]
                 for c in range(nr):
-                    n = jp * nr + c
-                    if k < K and n < N:
-                        out[jp, p, c, t] = w[k, n]
-                    else:
-                        out[jp, p, c, t] = np.uint16(0)
+                    d[c] = np.uint32(a0[c]) | (np.uint32(a1[c]) << np.uint32(16))
+            j0 = full
+        else:
+            j0 = 0
+        for jp in range(j0, Np):              # the last partial panel, the odd or padded K
+            d = blk[jp, q]
+            for c in range(nr):
+                n = jp * nr + c
+                lo = np.uint32(wb[k, n]) if k < K and n < N else np.uint32(0)
+                hi = np.uint32(wb[k + 1, n]) if k + 1 < K and n < N else np.uint32(0)
+                d[c] = lo | (hi << np.uint32(16))
 
 
 @kernel
@@ -453,6 +470,37 @@ def _gemm_avx512(a2, Kp2, b, Np, out, ctail, nr, mr_max, kc):
                 else:
                     _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, b, b_off, ctail, i0 * nr, nr,
                              k1 - k0, load)
+    if full < Np:
+        n0 = full * nr
+        for i in range(M):
+            for j in range(N - n0):
+                out[i, n0 + j] = ctail[i, j]
+
+
+@kernel
+def _gemm_avx512_kn(a2, Kp2, wb, out, ctail, blk, mr_max, kc):
+    """:func:`_gemm_avx512` on an unpacked weight ``wb [K, N]`` (bf16 bits): each block
+    of ``kc`` K pairs is packed into ``blk [Np, kc, NR]`` (:func:`_pack_block`, L2-sized)
+    just before the microkernels use it. The same microkernel calls on the same
+    values as the packed path: the same bits."""
+    M, N = out.shape
+    Np, kb, nr = blk.shape            # kb = min(kc, Kp2): the pairs a block holds
+    full = N // nr
+    flat = blk.reshape(-1)
+    for k0 in range(0, Kp2, kc):
+        k1 = min(k0 + kc, Kp2)
+        _pack_block(wb, k0, k1, blk)
+        load = k0 > 0
+        for jp in range(Np):
+            b_off = jp * kb * nr
+            for i0 in range(0, M, mr_max):
+                mr = min(mr_max, M - i0)
+                if jp < full:
+                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, flat, b_off, out,
+                             i0 * N + jp * nr, N, k1 - k0, load)
+                else:
+                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, flat, b_off, ctail,
+                             i0 * nr, nr, k1 - k0, load)
     if full < Np:
         n0 = full * nr
         for i in range(M):
@@ -567,7 +615,7 @@ def pack_bf16(w, force=None):
         return PackedBF16(wb, K, N, "kn")
     kp2 = -(-K // (2 * KSTEP)) * KSTEP
     out = np.empty((-(-N // NR), kp2, NR, 2), np.uint16)
-    _pack(wb, out)
+    _pack_block(wb, 0, kp2, out.view(np.uint32).reshape(out.shape[:3]))
     return PackedBF16(out, K, N, "panels")
 
 
@@ -625,6 +673,8 @@ def bf16_matmul(a, w, out=None, *, force=None):
     """
     path = isa_path(force)
     if not isinstance(w, PackedBF16):
+        if path == AVX512:       # packed block by block inside the product
+            return _avx512_kn(a, _as_bits("w", w), out)
         w = pack_bf16(w, force=force)
     K, N = w.k, w.n
     a = _check_a(a, K, N)
@@ -670,6 +720,29 @@ def bf16_matmul(a, w, out=None, *, force=None):
             np.matmul(af, tile, out=out)
         else:
             out[:, c0:c1] = af @ tile[:, :c1 - c0]
+    return out
+
+
+def _avx512_kn(a, wb, out):
+    """The AVX512-BF16 product on raw weight bits ``wb [K, N]`` (see :func:`bf16_matmul`)."""
+    K, N = wb.shape
+    a = _check_a(a, K, N)
+    M = a.shape[0]
+    if out is None:
+        out = np.empty((M, N), np.float32)
+    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
+          or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(M, N)}")
+    if M == 0 or N == 0 or K == 0:
+        out[...] = 0.0
+        return out
+    Kp2 = -(-K // 2)
+    ab = _round_activations(a, 2 * Kp2)
+    ai = np.empty((-(-M // MR), Kp2, MR), np.uint32)
+    _interleave_rows(ab.view(np.uint32), ai)
+    ctail = np.empty((M, NR) if N % NR else (0, NR), np.float32)
+    blk = np.empty((-(-N // NR), min(KC, Kp2), NR), np.uint32)
+    _gemm_avx512_kn(ai.reshape(-1), Kp2, wb, out, ctail, blk, MR, KC)
     return out
 
 
