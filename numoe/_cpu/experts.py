@@ -31,8 +31,9 @@ tasks widen each weight element in registers (:mod:`numoe._cpu._narrow`):
 one pass over the stored bytes, so a bf16 expert streams half the bytes of
 a float32 one. BLAS tasks with narrow weights widen one column tile of at
 most ``BLAS_TILE`` columns at a time into a per-thread float scratch and
-call sgemm (or, for bf16 rows and weights on a CPU with AMX-BF16 tiles,
-:mod:`numoe._cpu.bf16gemm`); never a float32 copy of the experts. Rows are
+call sgemm (or, for bf16 rows and weights on a CPU with AMX-BF16 tiles or
+AVX512-BF16, :mod:`numoe._cpu.bf16gemm`, from ``BF16_SMALL_ROWS`` rows per
+expert); never a float32 copy of the experts. Rows are
 float32 (16-bit activations are widened once by the caller) or float64.
 
 Batch-invariant mode (``Job.stream_all``): every block, whatever its rows,
