@@ -388,7 +388,7 @@ def _quoted_commands():
         spans = [(s, False) for s in re.findall(r"`([^`\n]+)`", text)]
         for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):   # shell lines only,
             spans += [(line, True) for line in block.splitlines()       # not printed output
-                      if line.lstrip().startswith("numoe ") or "&& numoe " in line]
+                      if line.startswith("numoe ") or "&& numoe " in line]   # (indented)
         for span, in_block in spans:
             for part in re.split(r"&&|;|\|", span):
                 part = part.split(" #")[0].strip()
