@@ -12,8 +12,8 @@ the storage rounding itself is not in the error; what is left:
   ``RTOL16`` allows one ulp, ``ATOL16`` the absolute floor of near-zero
   outputs (float32 cancellation in a sum of O(1) terms); for bfloat16 the
   floor is ``2**-8 * max|reference|``: at prefill sizes on a CPU with
-  AMX-BF16 the down product takes the hidden layer rounded to bfloat16 (as
-  PyTorch does), an error of half an ulp per term, at most about
+  AMX-BF16 or AVX512-BF16 the down product takes the hidden layer rounded to
+  bfloat16 (as PyTorch does), an error of half an ulp per term, at most about
   ``2**-9 * sum_j |h_j w_j|``, which near-zero outputs feel in full;
 * float64 x with narrower weights: the products are exact, float64 tolerances.
 """
