@@ -69,6 +69,9 @@ def _parser():
     b.add_argument("--full", action="store_true",
                    help="layer suite: also the larger rows (Qwen3-MoE, DeepSeek-V3-style, "
                    "gpt-oss, OLMoE T=4096; several GB of memory each)")
+    b.add_argument("--batch-invariant", action="store_true",
+                   help="layer suite: also time each layer with batch_invariant=True "
+                   "(its cost next to the default)")
     b.add_argument("--shape", metavar="T,E,k,H,F",
                    help="a custom row: tokens, experts, top-k, hidden and expert width "
                    "(replaces --shapes)")
@@ -207,10 +210,12 @@ def _run_suite(bench, args):
                                      hf=args.hf, **budget, **kw)
     if args.weights is not None and args.suite not in ("layers", "latency"):
         raise ValueError(f"--weights applies to the layer and latency suites, not {args.suite!r}")
+    if args.batch_invariant and args.suite != "layers":
+        raise ValueError(f"--batch-invariant applies to the layer suite, not {args.suite!r}")
     if args.suite == "layers":
         return bench.run_layer_suite(shapes, threads=args.threads, repeat=args.repeat,
                                      weights=args.weights, hf=args.hf, full=args.full,
-                                     **budget, **kw)
+                                     batch_invariant=args.batch_invariant, **budget, **kw)
     if args.suite == "routing":
         return bench.run_routing_suite(args.tokens, threads=args.threads, repeat=args.repeat,
                                        **budget, **kw)

@@ -601,7 +601,7 @@ def _time_hf(layer, family, x, ref, dtype, repeat, budget, notes):
 
 
 def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None, repeat=None,
-                    budget=2.0, hf=True, full=False, progress=None):
+                    budget=2.0, hf=True, full=False, batch_invariant=False, progress=None):
     """Time whole MoE layers (registry rows) against the reference and HF transformers.
 
     Parameters
@@ -622,6 +622,9 @@ def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None,
         Also time the Hugging Face transformers block when installed.
     full : bool
         With ``shapes=None``: the larger rows too (several GB of weights each).
+    batch_invariant : bool
+        Also time each layer with ``batch_invariant=True`` (``inv_s``,
+        ``inv_spread``, ``inv_cost`` = that time / ``numoe_s``, ``inv_err``).
     progress : bool or callable
         ``True`` prints one line per row to stderr.
 
@@ -652,7 +655,7 @@ def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None,
             t_row = time.perf_counter()
             say(f"[{i}/{len(rows)}] {row.name}: T={row.T} E={row.E} k={row.k} "
                 f"H={row.H} F={row.F} ...")
-            res = _layer_row(row, dt, weights, repeat, budget, hf_reason)
+            res = _layer_row(row, dt, weights, repeat, budget, hf_reason, batch_invariant)
             res["threads"] = numba.get_num_threads()
             out.append(res)
             best = "n/a" if res["speedup"] is None else f"{res['speedup']:.2f}x HF's best"
@@ -667,7 +670,7 @@ def run_layer_suite(shapes=None, *, threads=None, dtype="float32", weights=None,
     return out
 
 
-def _layer_row(row, dt, weights, repeat, budget, hf_reason):
+def _layer_row(row, dt, weights, repeat, budget, hf_reason, batch_invariant=False):
     layer = build_layer(row, dt, weights)
     x = np.random.default_rng(1).standard_normal((row.T, row.H)).astype(dt)
     t_ref = time_calls(lambda: reference.moe_forward(x, **_reference_kw(layer)), repeat=repeat,
@@ -685,6 +688,12 @@ def _layer_row(row, dt, weights, repeat, budget, hf_reason):
                ref_s=t_ref.median, ref_spread=t_ref.spread(), ref_runs=t_ref.runs,
                ref_speedup=t_ref.median / t.median, hf_eager_s=None, hf_grouped_s=None,
                hf_err=None, speedup=None, notes=[])
+    if batch_invariant:              # the same weights, the batch-invariant schedule
+        layer.batch_invariant = True
+        t_inv = time_calls(lambda: layer(x), repeat=repeat, budget=budget)
+        layer.batch_invariant = False
+        res.update(inv_s=t_inv.median, inv_spread=t_inv.spread(),
+                   inv_cost=t_inv.median / t.median, inv_err=rel_err(t_inv.result, ref))
     if hf_reason is not None:
         res["notes"].append(f"HF: {hf_reason}")
     else:
@@ -1069,7 +1078,7 @@ def _fmt(v, kind, spread=None):
 
 
 # columns left out of a table where no row has a value (the parity extra is not installed)
-_OPTIONAL_COLUMNS = ("hf_", "speedup", "torch_")
+_OPTIONAL_COLUMNS = ("hf_", "speedup", "torch_", "inv_")
 
 # (key, column header, format) per suite; a "ms" column shows its key's ``_spread``
 COLUMNS = {
@@ -1081,7 +1090,9 @@ COLUMNS = {
                ("ref_s", "ref ms", "ms"), ("ref_speedup", "numoe speedup vs ref (>1: faster)", "x"),
                ("hf_eager_s", "HF eager ms", "ms"),
                ("hf_grouped_s", "HF grouped_mm ms", "ms"), ("hf_err", "HF err", "e"),
-               ("speedup", "numoe speedup vs HF (>1: faster)", "x")],
+               ("speedup", "numoe speedup vs HF (>1: faster)", "x"),
+               ("inv_s", "batch-invariant ms", "ms"),
+               ("inv_cost", "batch-invariant cost (x numoe ms)", "x")],
     "routing": [("E", "E", "s"), ("k", "k", "s"), ("route_s", "route ms", "ms"),
                 ("ref_route_s", "ref ms", "ms"),
                 ("ref_ratio", "numoe speedup vs ref (>1: faster)", "x"),
@@ -1128,7 +1139,10 @@ def legend(rows, suite):
             "numoe speedup vs ref / vs HF: the other's time / numoe's time: above 1, numoe is "
             "faster (HF: the faster of HF eager and grouped_mm).",
         ] + (["HF err: rel err of the Hugging Face block against the same reference."]
-             if any(r.get("hf_err") is not None for r in rows) else [])
+             if any(r.get("hf_err") is not None for r in rows) else []) + (
+            ["batch-invariant: the same layer with batch_invariant=True (every token's output "
+             "bit-identical whatever else is in the batch); cost = its time / numoe's time."]
+            if any(r.get("inv_s") is not None for r in rows) else [])
     if suite == "routing":
         return [
             "ms: median time per call [min-max over the samples] (short calls are batched so "

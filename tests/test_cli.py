@@ -214,6 +214,22 @@ def test_bench_layers_tiny(capsys, tmp_path):
     assert ppath.stat().st_size > 1000
 
 
+def test_bench_batch_invariant_column(capsys, tmp_path):
+    """--batch-invariant times the same layer in the batch-invariant mode next to it."""
+    jpath = tmp_path / "out.json"
+    rc, out, err = _run(capsys, "bench", "--shapes", "tiny-mixtral", "--repeat", "3",
+                        "--no-hf", "--batch-invariant", "--json", str(jpath))
+    assert rc == 0, err
+    table = _table_lines(out)
+    assert "batch-invariant ms" in table[0] and "batch-invariant cost" in table[0]
+    assert "batch_invariant=True" in out          # the legend says what it is
+    (r,) = json.loads(jpath.read_text())["rows"]
+    assert r["inv_s"] > 0 and r["inv_cost"] == pytest.approx(r["inv_s"] / r["numoe_s"])
+    assert r["inv_err"] < r["tol"]
+    rc, out, err = _run(capsys, "bench", "routing", "--batch-invariant")
+    assert rc != 0 and "--batch-invariant" in err
+
+
 def test_check_fails_beyond_the_tolerance(monkeypatch):
     monkeypatch.setitem(bench.TOLERANCE, "float32", 0.0)
     (row,) = bench.run_layer_suite(["tiny-olmoe"], repeat=1, hf=False)
