@@ -81,7 +81,8 @@ from .._jit import driver, kernel
 from ._narrow import BF16, FLOAT, INT8, kind_of, widen, widen_cols
 
 # Task rules. Results depend on these (and on the sizes), never on threads.
-SMALL_ROWS = 10         # expert blocks with fewer rows stream their weights
+SMALL_ROWS = 20         # expert blocks with fewer rows stream their weights (measured:
+                        # at 8-16 rows per expert streaming beats BLAS on Python threads)
 BF16_SMALL_ROWS = 4     # the same on the bf16 dot-product GEMM (bf16 rows and weights)
 MIN_TASKS = 4           # below this many tasks, streaming experts split by columns
 SPLIT_COLS = 256        # column chunks are multiples of this
