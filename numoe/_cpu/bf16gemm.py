@@ -448,51 +448,30 @@ def _pack_block(wb, p0, p1, blk):
 
 
 @kernel
-def _gemm_avx512(a2, Kp2, b, Np, out, ctail, nr, mr_max, kc):
-    """``out[M, N] = a2 @ b`` with vdpbf16ps on the packed layouts (uint32 pair views, flat).
+def _gemm_avx512(a2, Kp2, b, wb, out, ctail, mr_max, kc):
+    """``out[M, N] = a @ w`` with vdpbf16ps on uint32 pair layouts.
 
     ``a2 [ceil(M / mr_max) * Kp2 * mr_max]`` activation pairs, blocks of
-    ``mr_max`` rows interleaved (:func:`_interleave_rows`), ``b [Np * Kp2 * nr]`` weight panels,
-    ``ctail [M, nr]`` scratch for a last, partial panel.
+    ``mr_max`` rows interleaved (:func:`_interleave_rows`); ``ctail [M, NR]``
+    scratch for a last, partial panel. The weight is either packed whole,
+    ``b [Np, Kp2, NR]`` (:func:`pack_bf16`; ``wb`` empty), or raw bf16 bits
+    ``wb [K, N]`` packed ``kc`` pairs at a time into the block buffer ``b [Np,
+    min(kc, Kp2), NR]`` (:func:`_pack_block`, L2-sized) just before the
+    microkernels use it. Either way each output element gets the same
+    microkernel steps on the same values: the same bits.
     """
     M, N = out.shape
+    Np, kb, nr = b.shape
     full = N // nr
+    flat = b.reshape(-1)
+    blocked = wb.shape[0] > 0
     for k0 in range(0, Kp2, kc):
         k1 = min(k0 + kc, Kp2)
+        if blocked:
+            _pack_block(wb, k0, k1, b)
         load = k0 > 0
         for jp in range(Np):
-            b_off = (jp * Kp2 + k0) * nr
-            for i0 in range(0, M, mr_max):
-                mr = min(mr_max, M - i0)
-                if jp < full:
-                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, b, b_off, out, i0 * N + jp * nr, N,
-                             k1 - k0, load)
-                else:
-                    _mk_rows(mr, a2, (i0 * Kp2 + k0 * mr_max), mr_max, b, b_off, ctail, i0 * nr, nr,
-                             k1 - k0, load)
-    if full < Np:
-        n0 = full * nr
-        for i in range(M):
-            for j in range(N - n0):
-                out[i, n0 + j] = ctail[i, j]
-
-
-@kernel
-def _gemm_avx512_kn(a2, Kp2, wb, out, ctail, blk, mr_max, kc):
-    """:func:`_gemm_avx512` on an unpacked weight ``wb [K, N]`` (bf16 bits): each block
-    of ``kc`` K pairs is packed into ``blk [Np, kc, NR]`` (:func:`_pack_block`, L2-sized)
-    just before the microkernels use it. The same microkernel calls on the same
-    values as the packed path: the same bits."""
-    M, N = out.shape
-    Np, kb, nr = blk.shape            # kb = min(kc, Kp2): the pairs a block holds
-    full = N // nr
-    flat = blk.reshape(-1)
-    for k0 in range(0, Kp2, kc):
-        k1 = min(k0 + kc, Kp2)
-        _pack_block(wb, k0, k1, blk)
-        load = k0 > 0
-        for jp in range(Np):
-            b_off = jp * kb * nr
+            b_off = (jp * kb + (0 if blocked else k0)) * nr
             for i0 in range(0, M, mr_max):
                 mr = min(mr_max, M - i0)
                 if jp < full:
@@ -619,6 +598,9 @@ def pack_bf16(w, force=None):
     return PackedBF16(out, K, N, "panels")
 
 
+_NO_BITS = np.zeros((0, 0), np.uint16)     # "the weight is packed already"
+
+
 def _round_activations(a, width):
     """bf16 bits of ``a`` in a ``[M, width]`` zero-padded scratch."""
     ab = np.empty((a.shape[0], width), np.uint16)
@@ -650,9 +632,11 @@ def bf16_matmul(a, w, out=None, *, force=None):
     a : ndarray [M, K], float16/32/64 (rounded to bfloat16, nearest even),
         or bfloat16 (or its uint16 bits, used as they are)
     w : PackedBF16, or ndarray [K, N] bfloat16 (or uint16 bits)
-        The weight; pack it once with :func:`pack_bf16` when it is reused
-        (a raw array is packed on every call on the AMX/AVX512 paths). A
-        weight packed for the fallback (``layout == "kn"``) runs the fallback.
+        The weight; pack it once with :func:`pack_bf16` when it is reused.
+        A raw array is packed whole on every call on the AMX path, and 128
+        K-pairs at a time inside the product on the AVX512-BF16 path (the
+        same bits as packed once). A weight packed for the fallback
+        (``layout == "kn"``) runs the fallback.
     out : ndarray [M, N] float32, C-contiguous, optional
         Written in full (not accumulated into).
     force : str, optional
@@ -672,11 +656,14 @@ def bf16_matmul(a, w, out=None, *, force=None):
     array([[3., 3.]], dtype=float32)
     """
     path = isa_path(force)
-    if not isinstance(w, PackedBF16):
-        if path == AVX512:       # packed block by block inside the product
-            return _avx512_kn(a, _as_bits("w", w), out)
-        w = pack_bf16(w, force=force)
-    K, N = w.k, w.n
+    blocked = path == AVX512 and not isinstance(w, PackedBF16)   # packed inside the product
+    if blocked:
+        wb = _as_bits("w", w)
+        K, N = wb.shape
+    else:
+        if not isinstance(w, PackedBF16):
+            w = pack_bf16(w, force=force)
+        K, N = w.k, w.n
     a = _check_a(a, K, N)
     M = a.shape[0]
     if out is None:
@@ -689,21 +676,22 @@ def bf16_matmul(a, w, out=None, *, force=None):
     if K == 0:
         out[...] = 0.0
         return out
-    if path != FALLBACK and w.layout == "panels":
-        Kp2 = w.data.shape[1]
+    if blocked or (path != FALLBACK and w.layout == "panels"):
+        Kp2 = -(-K // 2) if blocked else w.data.shape[1]
+        ab = _round_activations(a, 2 * Kp2)
         if path == AMX:
-            ab = _round_activations(a, 2 * Kp2)
             at = np.empty((-(-M // 32) * 2, Kp2 // KSTEP, 16, 32), np.uint16)
             _tile_rows(ab, at)
             _gemm_amx(_tile_config(), at, w.data, Kp2, out, np.empty((32, 32), np.float32))
         else:
-            ab = _round_activations(a, 2 * Kp2)
             ai = np.empty((-(-M // MR), Kp2, MR), np.uint32)
             _interleave_rows(ab.view(np.uint32), ai)
             ctail = np.empty((M, NR) if N % NR else (0, NR), np.float32)
-            _gemm_avx512(ai.reshape(-1), Kp2,
-                         w.data.view(np.uint32).reshape(-1), w.data.shape[0], out, ctail,
-                         NR, MR, KC)
+            if blocked:
+                b = np.empty((-(-N // NR), min(KC, Kp2), NR), np.uint32)
+            else:
+                b, wb = w.data.view(np.uint32).reshape(w.data.shape[:3]), _NO_BITS
+            _gemm_avx512(ai.reshape(-1), Kp2, b, wb, out, ctail, MR, KC)
         return out
     # fp32 fallback: widen column tiles of w, multiply the widened bf16(a) with sgemm
     af = np.empty((M, K), np.float32)
@@ -720,29 +708,6 @@ def bf16_matmul(a, w, out=None, *, force=None):
             np.matmul(af, tile, out=out)
         else:
             out[:, c0:c1] = af @ tile[:, :c1 - c0]
-    return out
-
-
-def _avx512_kn(a, wb, out):
-    """The AVX512-BF16 product on raw weight bits ``wb [K, N]`` (see :func:`bf16_matmul`)."""
-    K, N = wb.shape
-    a = _check_a(a, K, N)
-    M = a.shape[0]
-    if out is None:
-        out = np.empty((M, N), np.float32)
-    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (M, N)
-          or not out.flags.c_contiguous):
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(M, N)}")
-    if M == 0 or N == 0 or K == 0:
-        out[...] = 0.0
-        return out
-    Kp2 = -(-K // 2)
-    ab = _round_activations(a, 2 * Kp2)
-    ai = np.empty((-(-M // MR), Kp2, MR), np.uint32)
-    _interleave_rows(ab.view(np.uint32), ai)
-    ctail = np.empty((M, NR) if N % NR else (0, NR), np.float32)
-    blk = np.empty((-(-N // NR), min(KC, Kp2), NR), np.uint32)
-    _gemm_avx512_kn(ai.reshape(-1), Kp2, wb, out, ctail, blk, MR, KC)
     return out
 
 
