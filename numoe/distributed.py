@@ -41,7 +41,6 @@ import time
 
 import numpy as np
 
-from . import _dtypes as D
 from ._types import DispatchPlan
 from .dispatch import capacity as _capacity, dispatch_plan, unpermute
 from .layer import MoELayer, _info, _on_device
@@ -642,33 +641,20 @@ class ExpertParallel:
         dtype."""
         from ._cpu import experts as cpu
 
-        layer, cfg = self.layer, self.layer.config
+        layer = self.layer
         e0, e1 = self.experts.start, self.experts.stop
         T, H = x2.shape
-        inv = layer.batch_invariant
-        bf16 = layer.dtype == D.BFLOAT16    # as the layer's own jobs: the same products
         xin_c = layer._compute_x(xin)
         yin = np.empty(xin_c.shape, dtype=xin_c.dtype)
         jobs = []
         if xin.shape[0]:
             offs = np.concatenate([[0], np.cumsum(kin.sum(axis=0))]).astype(np.int64)
-            jobs.append(cpu.Job(
-                src=xin_c, order=None, k=1, offsets=offs, w1=layer._w1[e0:e1], w_up=None,
-                fused=cfg.glu, w_down=layer.w_down[e0:e1],
-                b_gate=None if layer.b_gate is None else layer.b_gate[e0:e1],
-                b_up=None if layer.b_up is None else layer.b_up[e0:e1],
-                b_down=None if layer.b_down is None else layer.b_down[e0:e1],
-                code=layer._code, limit=layer._limit, alpha=layer._alpha, out=yin,
-                stream_all=inv, bf16_inputs=bf16))
+            jobs.append(layer._routed_job(xin_c, None, 1, offs, yin, slice(e0, e1)))
         xc = layer._compute_x(x2)
         sh = None
         if layer._s1 is not None and T:
             sh = np.empty((T, H), dtype=xc.dtype)
-            jobs.append(cpu.Job(
-                src=xc, order=None, k=1, offsets=np.array([0, T], np.int64),
-                w1=layer._s1[None], w_up=None, fused=True,
-                w_down=layer.shared_down_proj[None], b_gate=None, b_up=None, b_down=None,
-                code=0, limit=math.inf, alpha=1.0, out=sh, stream_all=inv, bf16_inputs=bf16))
+            jobs.append(layer._shared_job(xc, sh))
         cpu.run_jobs(jobs)
         return yin, sh, xc
 

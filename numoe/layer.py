@@ -630,6 +630,27 @@ class MoELayer:
                              weights=routing.weights, drop_policy=cfg.drop_policy)
         return routing, plan
 
+    def _routed_job(self, src, order, k, offsets, out, experts=slice(None)):
+        """The :class:`numoe._cpu.experts.Job` of the routed ``experts`` (a slice): rows
+        ``src`` (gathered through ``order`` unless None) grouped by ``offsets``."""
+        from ._cpu import experts as cpu
+
+        def pick(a):
+            return None if a is None else a[experts]
+        return cpu.Job(src, order, k, offsets, self._w1[experts], None, self.config.glu,
+                       self.w_down[experts], pick(self.b_gate), pick(self.b_up),
+                       pick(self.b_down), self._code, self._limit, self._alpha, out,
+                       stream_all=self.batch_invariant, bf16_inputs=self.dtype == D.BFLOAT16)
+
+    def _shared_job(self, xc, out):
+        """The :class:`numoe._cpu.experts.Job` of the shared SwiGLU MLP on rows ``xc``."""
+        from ._cpu import experts as cpu
+
+        return cpu.Job(xc, None, 1, np.array([0, xc.shape[0]], np.int64), self._s1[None],
+                       None, True, self.shared_down_proj[None], None, None, None, 0, math.inf,
+                       1.0, out, stream_all=self.batch_invariant,
+                       bf16_inputs=self.dtype == D.BFLOAT16)
+
     def _experts(self, x2, routing, plan):
         """Routed experts (rows gathered through the plan), combine, shared MLP."""
         from ._cpu import experts as cpu
@@ -643,17 +664,11 @@ class MoELayer:
         ys = np.empty((plan.order.shape[0], H), dtype=dt)
         jobs = []
         if ys.shape[0]:
-            jobs.append(cpu.Job(xc, plan.order, k, plan.offsets, self._w1, None, cfg.glu,
-                                self.w_down, self.b_gate, self.b_up, self.b_down, self._code,
-                                self._limit, self._alpha, ys, stream_all=inv,
-                                bf16_inputs=self.dtype == D.BFLOAT16))
+            jobs.append(self._routed_job(xc, plan.order, k, plan.offsets, ys))
         sh = None
         if self._s1 is not None and T:
             sh = np.empty((T, H), dtype=dt)
-            jobs.append(cpu.Job(xc, None, 1, np.array([0, T], np.int64), self._s1[None], None,
-                                True, self.shared_down_proj[None], None, None, None, 0,
-                                math.inf, 1.0, sh, stream_all=inv,
-                                bf16_inputs=self.dtype == D.BFLOAT16))
+            jobs.append(self._shared_job(xc, sh))
         cpu.run_jobs(jobs)
         y = unpermute(ys, plan, routing.weights)
         if sh is not None:
