@@ -468,8 +468,7 @@ def route_backward(logits, routing, d_weights, *, score="softmax", renormalize=T
         raise TypeError("routing must be a numoe.Routing (weights, experts) from route(), "
                         f"got {type(routing).__name__}")
     V.choice("score", score, SCORES)
-    if not isinstance(renormalize, (bool, np.bool_)):
-        raise TypeError(f"renormalize must be a bool, got {renormalize!r}")
+    V.flag("renormalize", renormalize)
     scale = V.real("scale", scale)
     z, lead = _check_logits(logits)
     out_dtype = z.dtype
