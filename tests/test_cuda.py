@@ -676,3 +676,42 @@ def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit):
     again = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act,
                              b_gate=d(bg), b_up=d(bu), b_down=d(bd), limit=limit)
     np.testing.assert_array_equal(host(again).view(np.uint16), host(got).view(np.uint16))
+
+
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="CUDA graphs need a real GPU")
+@pytest.mark.parametrize("dtype,wdtype", [(np.float32, np.float32), (BF16, BF16)], ids=str)
+@pytest.mark.parametrize("preset,kw", [
+    ("olmoe", {}), ("qwen2_moe", dict(num_shared_experts=1, shared_expert_dim=24)),
+    ("gpt_oss", {}), ("switch", dict(capacity_factor=1.0))], ids=lambda v: str(v)[:12])
+def test_decode_graph_replays_the_eager_forward(dtype, wdtype, preset, kw):
+    """Decode-sized calls of a device layer replay a captured CUDA graph from their
+    second call on (numoe._cuda.graph): bit-identical to the eager forward, new x
+    values and in-place weight updates are seen, every call returns a new array;
+    a layer with a capacity stays eager."""
+    from numoe._cuda import graph, moe
+    rng = np.random.default_rng(31)
+    k = 1 if preset == "switch" else 2
+    cfg = getattr(numoe.MoEConfig, preset)(num_experts=8, top_k=k, hidden_dim=64,
+                                           expert_dim=48, **kw)
+    layer = numoe.MoELayer.random(cfg, seed=2, dtype=dtype, weight_dtype=wdtype).to_device()
+    bits = lambda a: host(a).view(np.uint8)  # noqa: E731
+    outs = []
+    for t in range(4):
+        x = dev(rng.standard_normal((3, 64)).astype(dtype))
+        y = layer(x)
+        np.testing.assert_array_equal(bits(y), bits(moe.forward(layer, x, graph=False)))
+        outs.append((x, y))
+    states = [v for v in layer.__dict__.get("_graphs", {}).values()]
+    if cfg.capacity_factor is not None:
+        assert not any(isinstance(s, graph._Graph) for s in states)
+    else:
+        assert any(isinstance(s, graph._Graph) for s in states), (states, graph.FAILURES)
+    x0, y0 = outs[0]
+    np.testing.assert_array_equal(bits(layer(x0)), bits(y0))   # earlier outputs untouched
+    from numoe._cuda import _arrays as A
+    w = host(layer.w_down)
+    A.bits(layer.w_down).copy_to_device(A.bits(dev((w.astype(np.float32) * 2).astype(w.dtype))))
+    y2 = layer(x0)
+    np.testing.assert_array_equal(bits(y2), bits(moe.forward(layer, x0, graph=False)))
+    assert not np.array_equal(bits(y2), bits(y0))

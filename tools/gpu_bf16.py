@@ -36,6 +36,7 @@ from numoe import reference as ref
 from numoe._cuda import _arrays as A
 from numoe._cuda import bench as B
 from numoe._cuda import experts as X
+from numoe._cuda import graph as G
 from numoe._cuda import moe
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -371,7 +372,7 @@ def _hf_times(host, fam, x, dt, budget):
 
 
 @section
-def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False):
+def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False, qwen=True):
     bw = B.copy_bandwidth()
     RES["copy_GBps"] = bw / 1e9
     say(f"  copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -379,8 +380,9 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False):
         rows = [("olmoe", _olmoe_cfg(8, 2, 16, 8), T) for T in Ts]
     else:
         rows = [("olmoe", _olmoe_cfg(), T) for T in Ts]
-        rows.append(("qwen3_moe", numoe.MoEConfig.qwen3_moe(
-            num_experts=128, top_k=8, hidden_dim=2048, expert_dim=768), 512))
+        if qwen:
+            rows.append(("qwen3_moe", numoe.MoEConfig.qwen3_moe(
+                num_experts=128, top_k=8, hidden_dim=2048, expert_dim=768), 512))
     cache = {}
     for fam, cfg, T in rows:
         key = (fam, cfg.num_experts)
@@ -396,11 +398,18 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False):
                  F=cfg.expert_dim)
         t, _, y = B.timeit(lambda: moe.forward(lb, xb), None, budget)
         r["numoe_bf16_ms"], r["path"] = t * 1e3, X.last_path.get("gemm")
+        if any(isinstance(v, G._Graph) for v in lb.__dict__.get("_graphs", {}).values()):
+            r["path"] = "graph"
+            t, _, _ = B.timeit(lambda: moe.forward(lb, xb, graph=False), None, budget)
+            r["numoe_bf16_eager_ms"] = t * 1e3
         yb = h(y).astype(np.float64)
         t, _, _ = B.timeit(lambda: moe.forward(lb, xb, gemm="numba"), None, budget)
         r["numoe_bf16_numba_ms"] = t * 1e3
         t, _, y32 = B.timeit(lambda: moe.forward(l32, x32), None, budget)
         r["numoe_f32_ms"] = t * 1e3
+        if any(isinstance(v, G._Graph) for v in l32.__dict__.get("_graphs", {}).values()):
+            t, _, _ = B.timeit(lambda: moe.forward(l32, x32, graph=False), None, budget)
+            r["numoe_f32_eager_ms"] = t * 1e3
         _, (_lg, _rt, plan) = moe.forward(lb, xb, return_parts=True)
         touched = int((h(plan.counts) > 0).sum())
         wbytes = touched * 3 * cfg.hidden_dim * cfg.expert_dim * 2
@@ -436,6 +445,8 @@ def main():
     p.add_argument("--budget", type=float, default=0.4)
     p.add_argument("--only", default="")
     p.add_argument("--small", action="store_true")
+    p.add_argument("--Ts", default="1,4,16,64,512,4096", help="token counts of the layer rows")
+    p.add_argument("--no-qwen", action="store_true", help="layer rows: OLMoE only")
     a = p.parse_args()
     say(f"numoe gpu_bf16 {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} on "
         f"{A.device_name()}")
@@ -458,7 +469,8 @@ def main():
             s(**sizes.get(s.__name__, {}))
     if not a.no_time:
         if not names or "layer_timings" in names:
-            layer_timings(a.budget, **(dict(Ts=(2,), small=True) if small else {}))
+            layer_timings(a.budget, **(dict(Ts=(2,), small=True) if small else dict(
+                Ts=tuple(int(v) for v in a.Ts.split(",")), qwen=not a.no_qwen)))
         if not names or "routing_timings" in names:
             routing_timings(a.budget, **(dict(T=256) if small else {}))
     with open(os.path.join(OUT, "bf16.json"), "w") as fh:
@@ -467,7 +479,8 @@ def main():
     say(f"\n{len(RES['checks']) - len(bad)} checks passed, {len(bad)} failed")
     for c in bad:
         say(f"  FAILED {c}")
-    cols = ["T", "numoe_bf16_ms", "numoe_bf16_numba_ms", "numoe_f32_ms", "hf_bf16_grouped_mm_ms",
+    cols = ["T", "numoe_bf16_ms", "numoe_bf16_eager_ms", "numoe_bf16_numba_ms", "numoe_f32_ms",
+            "numoe_f32_eager_ms", "hf_bf16_grouped_mm_ms",
             "hf_bf16_eager_ms", "hf_f32_grouped_mm_ms", "floor_bf16_ms", "numoe_over_floor",
             "hf_bf16_best_over_numoe", "path"]
     say(" | ".join(["family"] + cols))
@@ -476,6 +489,8 @@ def main():
                                         else str(r.get(c)) for c in cols]))
     for n in RES["notes"]:
         say("note:", n)
+    for n in G.FAILURES:
+        say("graph capture failed:", n)
     return 1 if bad else 0
 
 

@@ -6,6 +6,8 @@
 # test:  the pytest suite on the real GPU (tests/test_cuda.py first, then all)
 # bench: the GPU layer table (numoe vs HF transformers) and the routing table
 # bf16:  tests/test_cuda.py, then the 16-bit checks and timings (tools/gpu_bf16.py)
+# decode: the CUDA-graph tests, the decode layer timings (OLMoE T=1..64, bf16 and
+#        float32, graph vs eager vs HF), the routing table, the full-size backward check
 # Logs and JSON go to $OUT (or ./gpu_out). Expects numpy<2.5 for numba-cuda: when a
 # .whl/ folder is present its wheels are installed to /tmp/site first.
 set -uo pipefail
@@ -59,6 +61,15 @@ case "$mode" in
     python3 tools/gpu_bf16.py "$@" 2>&1 | tee "$OUT/bf16.log" || rc=1
     timeout "${NUMOE_GPU_PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log" || rc=1
+    ;;
+  decode)
+    sanity 2>&1 | tee "$OUT/sanity.log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k graph 2>&1 \
+      | tee "$OUT/pytest_graph.log" || rc=1
+    timeout 200 python3 tools/gpu_bf16.py --only layer_timings,routing_timings --Ts 1,4,16,64 \
+      --no-qwen --budget 0.3 2>&1 | tee "$OUT/decode.log" || rc=1
+    timeout 200 python3 tools/gpu_backward_check.py --dtypes float32,float64,bfloat16 --time \
+      2>&1 | tee "$OUT/backward_check.log" || rc=1
     ;;
   check|test) ;;
   *) echo "unknown mode $mode"; exit 2 ;;

@@ -182,10 +182,19 @@ def empty(shape, dtype):
     if dtype in NARROW and not SIM:      # numba cannot allocate dtypes it does not know
         return empty(shape, np.uint16).view(dtype)
     if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
-        return cuda.device_array(shape, dtype=dtype)
-    arr = _cupy.empty(shape, dtype=dtype)
-    desc = arr.__cuda_array_interface__
-    return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
+        out = cuda.device_array(shape, dtype=dtype)
+    else:
+        arr = _cupy.empty(shape, dtype=dtype)
+        desc = arr.__cuda_array_interface__
+        out = cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
+    if KEEP is not None:     # a CUDA graph is being captured: it owns this memory
+        KEEP.append(out)
+    return out
+
+
+# While numoe._cuda.graph captures a forward, every array allocated here is
+# appended to this list, which the graph keeps: its replays write that memory.
+KEEP = None
 
 
 _DUMMIES: dict = {}

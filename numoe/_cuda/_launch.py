@@ -17,17 +17,22 @@ arrays and Python/NumPy scalars; anything else (and the simulator, and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
 
 import numpy as np
+from numba import cuda
 
 from . import _arrays as A
 
 ENABLED = (not A.SIM) and os.environ.get("NUMOE_CUDA_FAST_LAUNCH", "1") != "0"
 
 _ENTRIES: dict = {}          # (id(dispatcher), key) -> _Entry or None (fast path refused)
+# The stream launches go to: the legacy default stream, or while a CUDA graph is
+# being captured (numoe._cuda.graph) the capturing stream as (CUstream, numba Stream).
+_STREAM = [None, 0]
 _pack_d = struct.Struct("<d")
 _unpack_q = struct.Struct("<q")
 
@@ -45,7 +50,7 @@ def _numba_launch(kernel, grid, block, shmem, args):
     # problems): numba's low-occupancy warning says nothing useful about them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _perf_warning())
-        kernel[grid, block, 0, shmem](*args)
+        kernel[grid, block, _STREAM[1], shmem](*args)
 
 
 def launch(kernel, grid, block, shmem, *args):
@@ -146,9 +151,22 @@ class _Entry:
         gx, gy, gz = _dim3(grid)
         bx, by, bz = _dim3(block)
         err, = self.driver.cuLaunchKernel(self.handle, gx, gy, gz, bx, by, bz, int(shmem),
-                                          self.stream, self.ptr_addr, 0)
+                                          _STREAM[0] or self.stream, self.ptr_addr, 0)
         if int(err) != 0:
             raise RuntimeError(f"cuLaunchKernel failed: {err}")
+
+
+@contextlib.contextmanager
+def on_stream(handle):
+    """Send every launch (fast path and numba's) to the CUstream ``handle`` meanwhile."""
+    from cuda.bindings import driver
+
+    old = list(_STREAM)
+    _STREAM[:] = [driver.CUstream(int(handle)), cuda.external_stream(int(handle))]
+    try:
+        yield
+    finally:
+        _STREAM[:] = old
 
 
 def _dim3(d):

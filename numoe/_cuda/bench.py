@@ -238,6 +238,8 @@ def run_routing(T=262144, E=64, k=8, H=1024, *, dtype="float32", repeat=None, bu
 
     t, _, _ = timeit(lambda: R.route(z, k), repeat, budget)
     add("route", t, T * E * s + T * k * (s + 4))
+    t, _, _ = timeit(lambda: R.route_async(z, k), repeat, budget)
+    add("route (fused)", t, T * E * s + T * k * (s + 4), "no status read-back")
     t, _, plan = timeit(lambda: D.dispatch_plan(r.experts, E), repeat, budget)
     add("dispatch_plan", t, T * k * 4 + T * k * 5)
     flat = A.reshape(r.experts, (N,))

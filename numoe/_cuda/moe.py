@@ -39,14 +39,31 @@ def _layer_code(cfg):
     return _check_expert_options(cfg.activation, cfg.limit, cfg.alpha, cfg.glu)
 
 
-def forward(layer, x, *, gemm=None, return_parts=False):
+def forward(layer, x, *, gemm=None, return_parts=False, graph=True):
     """``y = layer(x)`` for a device layer (``layer.to_device()``) and device ``x [..., H]``.
 
     ``gemm``: ``None``/"numba" (numba kernels) or "cublas" (CuPy's cuBLAS for
     experts with many rows). ``return_parts``: also return ``(logits, routing,
     plan)``. Without a capacity the whole forward is queued without a host
     synchronisation; the routing status is read back once at the end.
+    ``graph``: decode-sized calls (see :mod:`numoe._cuda.graph`) replay this
+    forward as a captured CUDA graph from their second call on.
     """
+    if graph and gemm is None and not return_parts:
+        from . import graph as Gr
+
+        y = Gr.forward(layer, x)
+        if y is not None:
+            return y
+    y, status = queue(layer, x, gemm=gemm, return_parts=return_parts)
+    if status is not None:
+        R.check_status(status)           # the one synchronisation of the dropless forward
+    return y
+
+
+def queue(layer, x, *, gemm=None, return_parts=False):
+    """The forward's work queued on the device: ``(y, status)``; the caller passes
+    ``status`` (None when there is nothing to check) to ``routing.check_status``."""
     cfg = layer.config
     x2, lead = A.tokens_2d("x", x)
     T, H = tuple(x2.shape)
@@ -100,15 +117,13 @@ def forward(layer, x, *, gemm=None, return_parts=False):
         gw = layer.shared_gate_weight
         gate = None if gw is None else G.matmul(x2, A.reshape(gw, (H, 1)), out_dtype=ct)
         add_shared(y, sh, gate)
-    if status is not None:
-        R.check_status(status)           # the one synchronisation of the dropless forward
     y = A.reshape(A.astype(y, x2.dtype), lead + (H,))
     if return_parts:
         if dropped is None:
             dropped = A.zeros((m,), np.bool_)
         plan = DispatchPlan(order, offsets, counts, A.reshape(dropped, (T, k)), cap)
-        return y, (logits, routing, plan)
-    return y
+        return (y, (logits, routing, plan)), status
+    return y, status
 
 
 @cuda.jit

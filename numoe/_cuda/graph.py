@@ -1,0 +1,164 @@
+"""Decode-sized device forwards replayed as captured CUDA graphs.
+
+At decode sizes (a few tokens) the fused forward of :mod:`numoe._cuda.moe`
+is a dozen small kernels whose GPU time is far below what Python spends
+launching them. A layer called again and again with the same token count
+therefore captures that forward once, on its second call with that shape,
+into a CUDA graph (stream capture through the driver API), and from then on
+a call is: copy ``x`` into the graph's input buffer, launch the graph, read
+the routing status back (the one synchronisation the eager forward has
+too), copy the output out. The maths is the eager forward's, kernel for
+kernel, so results are bit-identical to it.
+
+What the graph relies on, and how it is kept:
+
+* every launch goes to the capturing stream (``_launch.on_stream``);
+* every array the forward allocates is kept by the graph
+  (``_arrays.KEEP``), so its replays never write memory handed out again;
+* the weights are read through the addresses they had at capture: the cache
+  key holds the identity of every weight array (in-place updates are seen,
+  a replaced array means a new capture);
+* capture runs in the driver's global mode: any synchronising call inside
+  the forward (a host read-back, a blocking copy) fails the capture instead
+  of running out of order; such a shape is then run eagerly for good.
+
+Used for layers without a capacity (their forward has no host read-back)
+and ``x`` with at most :data:`MAX_TOKENS` tokens, C-contiguous; the
+numba GEMM kernels only (no cuBLAS). ``NUMOE_CUDA_GRAPH=0`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _arrays as A
+from . import _launch as L
+
+MAX_TOKENS = 64
+ENABLED = L.ENABLED and os.environ.get("NUMOE_CUDA_GRAPH", "1") != "0"
+
+_SEEN, _EAGER = "seen", "eager"     # cache states before a graph exists
+FAILURES: list = []                 # why captures failed (for reports and tests)
+
+
+def _weights(layer):
+    dev = getattr(layer, "_dev", None) or {}
+    names = ("router", "w_down", "router_bias", "selection_bias", "b_gate", "b_up", "b_down",
+             "shared_down_proj", "shared_gate_weight")
+    return ([getattr(layer, n, None) for n in names] + [dev.get("w_gate"), dev.get("w_up")]
+            + list(dev.get("shared") or ()))
+
+
+def forward(layer, x):
+    """``y`` through this layer's graph for ``x``'s shape, or None: run the eager forward."""
+    if not ENABLED or layer.config.capacity_factor is not None:
+        return None
+    try:
+        x = A.as_device("x", x)
+    except TypeError:
+        return None
+    shape = tuple(x.shape)
+    if len(shape) < 1 or int(np.prod(shape[:-1], dtype=np.int64)) > MAX_TOKENS \
+            or not x.is_c_contiguous() or x.size == 0:
+        return None
+    weights = _weights(layer)
+    key = (shape, np.dtype(x.dtype).str) + tuple(id(w) for w in weights)
+    cache = layer.__dict__.setdefault("_graphs", {})
+    state = cache.get(key)
+    if state is None:                 # first call: the eager forward compiles every kernel
+        cache[key] = _SEEN
+        return None
+    if state == _EAGER:
+        return None
+    if state == _SEEN:
+        state = _Graph.capture(layer, x, weights)
+        cache[key] = _EAGER if state is None else state
+        if state is None:
+            return None
+    return state.run(x)
+
+
+class _Graph:
+    """One captured forward: its input/output buffers and every array it uses."""
+
+    def __init__(self, exec_, graph, stream, x_in, y_out, status, keep):
+        from cuda.bindings import driver
+
+        self.driver = driver
+        self.exec, self.graph, self.stream = exec_, graph, stream
+        self.x_in, self.y_out, self.status, self.keep = x_in, y_out, status, keep
+        self.nbytes_x = x_in.size * x_in.dtype.itemsize
+        self.nbytes_y = y_out.size * y_out.dtype.itemsize
+
+    @classmethod
+    def capture(cls, layer, x, weights):
+        from cuda.bindings import driver
+
+        from . import moe
+
+        x_in = A.empty(tuple(x.shape), x.dtype)
+        err, stream = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
+        if int(err):
+            return None
+        keep = [x_in, weights]
+        A.KEEP = keep
+        graph = None
+        try:
+            with L.on_stream(int(stream)):
+                err, = driver.cuStreamBeginCapture(
+                    stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+                if int(err):
+                    raise RuntimeError(f"cuStreamBeginCapture: {err}")
+                try:
+                    y, status = moe.queue(layer, x_in, gemm="numba")
+                finally:
+                    err, graph = driver.cuStreamEndCapture(stream)
+                if int(err):
+                    raise RuntimeError(f"cuStreamEndCapture: {err}")
+            err, exec_ = driver.cuGraphInstantiate(graph, 0)
+            if int(err):
+                raise RuntimeError(f"cuGraphInstantiate: {err}")
+        except Exception as exc:  # noqa: BLE001 - a shape that cannot be captured runs eagerly
+            FAILURES.append(f"{type(exc).__name__}: {exc}"[:300])
+            if graph is not None:
+                driver.cuGraphDestroy(graph)
+            driver.cuStreamDestroy(stream)
+            return None
+        finally:
+            A.KEEP = None
+        return cls(exec_, graph, stream, x_in, A.contiguous(y), status, keep)
+
+    def run(self, x):
+        """Replay on the legacy default stream (ordered with the caller's work)."""
+        from . import routing as R
+
+        d = self.driver
+        s0 = d.CUstream(0)
+        _check(d.cuMemcpyDtoDAsync(_ptr(self.x_in), _ptr(x), self.nbytes_x, s0))
+        _check(d.cuGraphLaunch(self.exec, s0))
+        y = A.empty(tuple(self.y_out.shape), self.y_out.dtype)
+        _check(d.cuMemcpyDtoDAsync(_ptr(y), _ptr(self.y_out), self.nbytes_y, s0))
+        if self.status is not None:
+            R.check_status(self.status)
+        return y
+
+    def __del__(self):
+        try:
+            self.driver.cuGraphExecDestroy(self.exec)
+            self.driver.cuGraphDestroy(self.graph)
+            self.driver.cuStreamDestroy(self.stream)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _ptr(a):
+    from cuda.bindings import driver
+
+    return driver.CUdeviceptr(a.device_ctypes_pointer.value or 0)
+
+
+def _check(res):
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err):
+        raise RuntimeError(f"CUDA graph replay failed: {err}")
