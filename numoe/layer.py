@@ -698,7 +698,7 @@ class MoELayer:
             raise NotImplementedError("parameters() of a device layer is not supported yet")
         return {n: getattr(self, n) for n in _PARAM_NAMES if getattr(self, n) is not None}
 
-    def backward(self, x, info, d_y, *, aux_loss_coef=0.0, z_loss_coef=0.0):
+    def backward(self, x, info, d_y, *, aux_loss_coef=0.0, z_loss_coef=0.0, out=None):
         """Gradients of ``L = sum(y * d_y) + aux_loss_coef * info["aux_loss"]
         + z_loss_coef * info["z_loss"]``.
 
@@ -713,12 +713,25 @@ class MoELayer:
             Gradient of the loss with respect to ``y``.
         aux_loss_coef, z_loss_coef : float
             Coefficients of the load-balancing loss and the router z-loss.
+        out : dict, optional
+            The dict returned by an earlier ``backward`` of this layer (same
+            keys, every array of the shape and dtype it had there; any
+            writeable NumPy arrays of those shapes and dtypes will do,
+            sharing no memory with ``x``, ``d_y``, ``info`` or the
+            parameters). The gradients are written into its arrays
+            (overwritten, not accumulated) and ``out`` itself is returned:
+            a training loop reuses its gradient buffers instead of
+            allocating (and first touching) weight-sized arrays every step.
+            Results are bit-identical to ``out=None``.
 
         Returns
         -------
         dict
             ``"x"``: ``d_x`` (shape of ``x``), and one gradient per entry of
-            :meth:`parameters`, same names, shapes and dtypes.
+            :meth:`parameters`, same names, shapes and dtypes (float32 for
+            int8 weights). ``w_gate`` / ``w_up`` (and the shared gate / up)
+            are the two halves of one fused buffer where the dtype allows.
+            With ``out``: ``out``, its arrays filled.
 
         Notes
         -----
@@ -727,7 +740,12 @@ class MoELayer:
         backward: the routing weight of a row scales its output gradient,
         and its own gradient is ``d_y . ys`` from the recomputed hidden
         layer. Selections (top-k, groups, selection bias, capacity drops)
-        carry no gradient. Bit-identical for any thread count.
+        carry no gradient. Bit-identical for any thread count. With
+        ``out``, gradients land directly in its arrays when they are
+        C-contiguous in the compute dtype (``w_gate`` / ``w_up`` as the
+        two halves of one ``[E, H, 2F]`` buffer, as ``backward`` returns
+        them); other arrays (e.g. 16-bit weights' gradients) are computed
+        in a scratch array and copied.
 
         Examples
         --------
@@ -739,6 +757,9 @@ class MoELayer:
         >>> g = layer.backward(x, info, np.ones_like(y), aux_loss_coef=0.01)
         >>> sorted(g) == sorted(["x", *layer.parameters()])
         True
+        >>> y, info = layer.forward(2 * x, return_info=True)    # the next step
+        >>> layer.backward(2 * x, info, np.ones_like(y), out=g) is g
+        True
         """
         from ._cpu import experts as cpu
         from .dispatch import permute_backward
@@ -746,9 +767,12 @@ class MoELayer:
         from .routing import route_backward, router_probs_backward
 
         if self._device or _on_device(x):
+            if out is not None:
+                raise NotImplementedError("out= is not supported for a device layer yet")
             return cuda_module("moe_backward").backward(
                 self, x, info, d_y, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
         cfg = self.config
+        x_in = x
         x2, lead = self._host_tokens(x)
         T, H = x2.shape
         E, k, F = cfg.num_experts, cfg.top_k, cfg.expert_dim
@@ -769,6 +793,14 @@ class MoELayer:
         dy = dy.reshape(T, H)
         V.check_finite("d_y", dy)
         params = self.parameters()
+        # each gradient in its parameter's float dtype (int8 weights: the compute dtype)
+        spec = {"x": (lead + (H,), xdt)}
+        spec.update((n, (tuple(p.shape), p.dtype if isinstance(p, np.ndarray) else cdt))
+                    for n, p in params.items())
+        if out is not None:
+            _check_grad_out(out, spec, dict(
+                x=x_in, d_y=d_y, logits=logits, routing_weights=routing.weights,
+                selection_bias=self.selection_bias, **params))
 
         def wide(a):        # a weight in the compute dtype (a copy if stored narrower)
             if a is None or (isinstance(a, np.ndarray) and a.dtype == cdt):
@@ -776,6 +808,32 @@ class MoELayer:
             if isinstance(a, np.ndarray):
                 return cpu.widen_weight(a, cdt)
             return np.ascontiguousarray(np.asarray(a), dtype=cdt)    # QuantizedArray
+
+        # Where each gradient is computed: out=None, new arrays (the routed experts'
+        # zero-filled: pages of experts without rows are never touched); else out's
+        # own array when it is C-contiguous in the compute dtype, else a scratch array
+        # copied at the end (the kernels then write the zeros of experts without rows).
+        direct = set()
+
+        def target(name, shape=None, fused=None, zero=False):
+            shape = spec[name][0] if shape is None else shape
+            if out is None:
+                return np.zeros(shape, cdt) if zero else np.empty(shape, cdt)
+            if fused is not None:                   # two halves of one [..., 2n] buffer
+                a, b = out[name], out[fused]
+                base = _fused_base(a, b) if a.dtype == cdt else None
+                if base is not None and base.flags.writeable:
+                    direct.update((name, fused))
+                    return base
+                return np.empty(shape, cdt)
+            a = out[name]
+            if a.dtype == cdt and a.flags.c_contiguous:
+                direct.add(name)
+                return a
+            return np.empty(shape, cdt)
+
+        def opt(name):
+            return None if params.get(name) is None else target(name, zero=True)
 
         grads = {}
 
@@ -786,14 +844,13 @@ class MoELayer:
         dys = permute(dy, plan)
         rs = np.ascontiguousarray(np.asarray(routing.weights).reshape(-1)[order], dtype=cdt)
         w1 = wide(self._w1)
-        d_w1 = np.zeros(w1.shape, cdt)      # (zeros: experts without rows write nothing)
-        new = lambda a: None if a is None else np.zeros(np.shape(a), cdt)  # noqa: E731
+        d_w1 = target("w_gate", w1.shape, "w_up" if cfg.glu else None, zero=True)
         job = cpu.BackwardJob(xs, np.asarray(plan.offsets, np.int64), w1, None, cfg.glu,
                               wide(self.w_down), wide(self.b_gate), wide(self.b_up),
                               wide(self.b_down), self._code, self._limit, self._alpha, dys, rs,
-                              np.empty((N, H), cdt), d_w1, None, new(self.w_down),
-                              new(self.b_gate), new(self.b_up), new(self.b_down),
-                              np.empty(N), zeroed=True)
+                              np.empty((N, H), cdt), d_w1, None, target("w_down", zero=True),
+                              opt("b_gate"), opt("b_up"), opt("b_down"),
+                              np.empty(N), zeroed=out is None)
         cpu.run_backward(job)
         d_x = permute_backward(job.d_xs, plan)
         d_w = np.zeros(T * k)
@@ -816,9 +873,9 @@ class MoELayer:
         if z_loss_coef and T:
             d_logits += router_z_loss_backward(lg, d_loss=z_loss_coef)
         d_logits = d_logits.astype(cdt)
-        grads["router"] = cpu.matmul_tn(x2, d_logits)
+        grads["router"] = cpu.matmul_tn(x2, d_logits, out=target("router"))
         if self.router_bias is not None:
-            grads["router_bias"] = np.empty(E, cdt)
+            grads["router_bias"] = target("router_bias")
             cpu.column_sums(d_logits, np.zeros(0, cdt), grads["router_bias"])
         d_x += cpu.matmul(d_logits, wide(self.router).T)
 
@@ -831,26 +888,34 @@ class MoELayer:
                 a = cpu.matmul(x2, gw[:, None])[:, 0].astype(np.float64)
                 sig = 1.0 / (1.0 + np.exp(-a))
             s1 = wide(self._s1)[None]
+            d_s1 = target("shared_gate_proj", s1.shape[1:], "shared_up_proj")
             sjob = cpu.BackwardJob(x2, np.array([0, T], np.int64), s1, None, True,
                                    wide(self.shared_down_proj)[None], None, None, None, 0,
                                    math.inf, 1.0, dy, None if sig is None else sig.astype(cdt),
-                                   np.empty((T, H), cdt), np.empty(s1.shape, cdt), None,
-                                   np.empty((1, S, H), cdt), None, None, None,
+                                   np.empty((T, H), cdt), d_s1[None], None,
+                                   target("shared_down_proj")[None], None, None, None,
                                    None if sig is None else np.empty(T))
             cpu.run_backward(sjob)
             d_x += sjob.d_xs
-            grads.update(shared_gate_proj=sjob.d_w1[0, :, :S], shared_up_proj=sjob.d_w1[0, :, S:],
+            grads.update(shared_gate_proj=d_s1[:, :S], shared_up_proj=d_s1[:, S:],
                          shared_down_proj=sjob.d_w_down[0])
             if sig is not None:
                 d_a = (sig * (1.0 - sig) * sjob.d_scale).astype(cdt)
-                grads["shared_gate_weight"] = cpu.matmul_tn(x2, d_a[:, None])[:, 0]
+                g = target("shared_gate_weight")
+                grads["shared_gate_weight"] = cpu.matmul_tn(x2, d_a[:, None], out=g[:, None])[:, 0]
                 d_x += d_a[:, None] * gw[None, :]
-        out = {"x": d_x.reshape(lead + (H,)).astype(xdt, copy=False)}
+        d_x = d_x.reshape(lead + (H,))
+        if out is not None:
+            np.copyto(out["x"], d_x, casting="unsafe")
+            for name in params:
+                if name not in direct:
+                    np.copyto(out[name], grads[name], casting="unsafe")
+            return out
+        res = {"x": d_x.astype(xdt, copy=False)}
         for name, p in params.items():     # each in its parameter's float dtype
             g = grads[name]
-            keep = not isinstance(p, np.ndarray) or g.dtype == p.dtype   # int8: float32
-            out[name] = g if keep else g.astype(p.dtype)
-        return out
+            res[name] = g if g.dtype == spec[name][1] else g.astype(spec[name][1])
+        return res
 
     # -------------------------------------------------------------- device
     def _forward_device(self, x, return_info):
@@ -876,6 +941,57 @@ class MoELayer:
             return fused.forward(self, xd)
         y, (logits, routing, plan) = fused.forward(self, xd, return_parts=True)
         return y, _info(logits, routing, plan, cfg)
+
+
+def _check_grad_out(out, spec, inputs):
+    """``out`` of :meth:`MoELayer.backward`: a dict with exactly the keys of ``spec``
+    (name -> (shape, dtype)), each a writeable ndarray of that shape and dtype,
+    sharing no memory with ``inputs`` (name -> array or None) nor with each other
+    (the two halves of one fused buffer are disjoint)."""
+    if not isinstance(out, dict):
+        raise TypeError(f"out must be the dict returned by an earlier layer.backward, "
+                        f"got {type(out).__name__}")
+    missing = [n for n in spec if n not in out]
+    extra = [str(n) for n in out if n not in spec]
+    if missing or extra:
+        raise ValueError(f"out must have exactly the keys {sorted(spec)} (those of "
+                         f"layer.backward's result): missing {missing}, extra {sorted(extra)}")
+    arrays = []
+    for name, (shape, dtype) in spec.items():
+        a = out[name]
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"out[{name!r}] must be a NumPy array, got {type(a).__name__}")
+        if a.dtype != dtype:
+            raise TypeError(f"out[{name!r}] must have dtype {np.dtype(dtype).name}, "
+                            f"got {a.dtype}")
+        if tuple(a.shape) != tuple(shape):
+            raise ValueError(f"out[{name!r}] must have shape {tuple(shape)}, got {a.shape}")
+        if not a.flags.writeable:
+            raise ValueError(f"out[{name!r}] must be writeable")
+        arrays.append((name, a))
+    others = []
+    for name, v in inputs.items():
+        if isinstance(v, QuantizedArray):
+            others += [(name, v.values), (name, v.scales)]
+        elif v is not None:
+            others.append((name, v))
+    for i, (name, a) in enumerate(arrays):
+        for other, b in others:
+            if isinstance(b, np.ndarray) and _overlap(a, b):
+                raise ValueError(f"out[{name!r}] must not share memory with {other}")
+        for name2, b in arrays[:i]:
+            if _overlap(a, b):
+                raise ValueError(f"out[{name!r}] and out[{name2!r}] must not share memory")
+
+
+def _overlap(a, b):
+    """Whether ``a`` and ``b`` share memory (exact; too hard to decide: True)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 20))
+    except np.exceptions.TooHardError:
+        return True
 
 
 def _info(logits, routing, plan, cfg):

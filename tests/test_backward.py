@@ -501,6 +501,132 @@ def test_zero_tokens():
     assert all(not g[n].any() for n in layer.parameters())
 
 
+
+# ------------------------------------------------------------ out= buffers
+OUT_CASES = [("mixtral", {}), ("qwen2_moe", {}), ("plain_gelu", {}), ("switch", {}),
+             ("sigmoid_norenorm", {}), ("gpt_oss", {}),
+             ("qwen2_moe", dict(weight_dtype="bfloat16")),
+             ("qwen2_moe", dict(dtype="bfloat16")), ("mixtral", dict(dtype=np.float64)),
+             ("qwen2_moe", dict(weight_dtype="int8"))]
+
+
+def _step(layer, x, d_y, **kw):
+    y, info = layer.forward(x, return_info=True)
+    return layer.backward(x, info, d_y, aux_loss_coef=0.1, z_loss_coef=0.01, **kw)
+
+
+@pytest.mark.parametrize("family,opts", OUT_CASES, ids=lambda v: str(v))
+def test_backward_out_bit_identical_and_reused(family, opts):
+    layer = MoELayer.random(make_config(family, 8, 2, 16, 12), seed=1, **opts)
+    rng = np.random.default_rng(2)
+    x1, x2, d_y = (rng.standard_normal((2, 11, 16)).astype(layer.dtype) for _ in range(3))
+    params = {n: (p.copy() if isinstance(p, np.ndarray) else p.values.copy())
+              for n, p in layer.parameters().items()}
+    inputs = (x1.copy(), x2.copy(), d_y.copy())
+    g1, g2 = _step(layer, x1, d_y), _step(layer, x2, d_y)
+    buf = _step(layer, x1, d_y)
+    before = {n: id(a) for n, a in buf.items()}
+    got = _step(layer, x2, d_y, out=buf)
+    assert got is buf and {n: id(a) for n, a in got.items()} == before
+    assert set(got) == set(g2)
+    for n in g2:       # overwritten, not accumulated; same values as out=None
+        assert got[n].dtype == g2[n].dtype and np.array_equal(got[n], g2[n]), n
+    if layer.config.glu and got["w_gate"].itemsize >= 4:   # fused halves (not 16-bit)
+        assert got["w_gate"].base is got["w_up"].base is not None
+    # any arrays of the right shapes and dtypes (filled with garbage) will do
+    other = {n: np.full_like(a, 7) for n, a in g1.items()}
+    other["w_gate"] = np.asfortranarray(other["w_gate"])
+    _step(layer, x1, d_y, out=other)
+    for n in g1:
+        assert np.array_equal(other[n], g1[n]), n
+    for n, p in layer.parameters().items():
+        assert np.array_equal(p if isinstance(p, np.ndarray) else p.values, params[n]), n
+    assert all(np.array_equal(a, b) for a, b in zip((x1, x2, d_y), inputs))
+
+
+def test_backward_out_zeroes_experts_without_rows():
+    cfg = make_config("plain_gelu", 8, 1, 16, 12)       # expert bias, router bias
+    layer = MoELayer.random(cfg, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    d_y = np.ones_like(x)
+    y, info = layer.forward(x, return_info=True)
+    unused = np.flatnonzero(np.diff(info["plan"].offsets) == 0)
+    assert unused.size >= 5
+    ref_g = layer.backward(x, info, d_y)
+    out = {n: np.full_like(a, np.nan) for n, a in ref_g.items()}
+    layer.backward(x, info, d_y, out=out)
+    for n in ("w_gate", "w_down", "b_gate", "b_down"):
+        assert not out[n][unused].any(), n
+        assert np.array_equal(out[n], ref_g[n]), n
+
+
+def test_backward_out_validation():
+    layer = MoELayer.random(make_config("qwen2_moe", 4, 2, 8, 6), seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    d_y = rng.standard_normal((5, 8)).astype(np.float32)
+    y, info = layer.forward(x, return_info=True)
+    good = layer.backward(x, info, d_y)
+    params = {n: p.copy() for n, p in layer.parameters().items()}
+    x0, dy0 = x.copy(), d_y.copy()
+
+    def bad(exc, match, **change):
+        out = {n: a.copy() for n, a in good.items()}
+        for n, v in change.items():
+            if v is None:
+                del out[n]
+            else:
+                out[n] = v
+        snap = {n: a.copy() for n, a in out.items()}
+        with pytest.raises(exc, match=match):
+            layer.backward(x, info, d_y, out=out)
+        for n, a in snap.items():        # nothing written before the error
+            assert np.array_equal(out[n], a), n
+
+    with pytest.raises(TypeError, match="out"):
+        layer.backward(x, info, d_y, out=list(good.values()))
+    bad(ValueError, r"out.*missing \['router'\]", router=None)
+    with pytest.raises(ValueError, match=r"out.*extra \['bogus'\]"):
+        layer.backward(x, info, d_y, out={**good, "bogus": np.zeros(1)})
+    bad(TypeError, r"out\['w_down'\].*NumPy array", w_down=good["w_down"].tolist())
+    bad(TypeError, r"out\['router'\].*dtype float32", router=good["router"].astype(np.float64))
+    bad(TypeError, r"out\['x'\].*dtype", x=good["x"].astype(">f4"))
+    bad(ValueError, r"out\['w_up'\].*shape", w_up=good["w_up"][:, :, :-1].copy())
+    bad(ValueError, r"out\['x'\].*shape", x=good["x"].reshape(1, 5, 8))
+    ro = good["w_down"].copy()
+    ro.flags.writeable = False
+    bad(ValueError, r"out\['w_down'\].*writeable", w_down=ro)
+    bad(ValueError, r"out\['x'\].*share memory with x", x=x)
+    bad(ValueError, r"out\['x'\].*share memory with d_y", x=d_y)
+    bad(ValueError, r"out\['w_up'\].*share memory with w_gate", w_up=layer.w_gate)
+    bad(ValueError, r"out\['router'\].*share memory with router", router=layer.router)
+    bad(ValueError, r"out\['w_up'\].*out\['w_gate'\].*share memory",
+        w_gate=good["w_gate"], w_up=good["w_gate"])
+    for n, p in layer.parameters().items():
+        assert np.array_equal(p, params[n]), n
+    assert np.array_equal(x, x0) and np.array_equal(d_y, dy0)
+
+
+def test_backward_out_training_loop_matches_fresh():
+    """SGD with reused gradient buffers follows the out=None run bit for bit."""
+    cfg = MoEConfig.qwen3_moe(num_experts=4, top_k=2, hidden_dim=8, expert_dim=16)
+    a, b = MoELayer.random(cfg, seed=2), MoELayer.random(cfg, seed=2)
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    target = np.sin(x)
+    g_b = None
+    for _ in range(5):
+        for layer, reuse in ((a, False), (b, True)):
+            y, info = layer.forward(x, return_info=True)
+            kw = {"out": g_b} if reuse and g_b is not None else {}
+            g = layer.backward(x, info, 2 * (y - target) / y.size, aux_loss_coef=0.01, **kw)
+            if reuse:
+                g_b = g
+            for name, p in layer.parameters().items():
+                p -= np.float32(0.5) * g[name]
+    for name, p in a.parameters().items():
+        assert np.array_equal(p, b.parameters()[name]), name
+
+
 # ---------------------------------------------------------------- threads
 SCRIPT = textwrap.dedent(r'''
     import json, sys

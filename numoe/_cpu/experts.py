@@ -1141,10 +1141,12 @@ def run_backward(job):
         _run_tasks(stage2, nthreads)
 
 
-def matmul_tn(a, b):
+def matmul_tn(a, b, out=None):
     """``a^T @ b`` (``[T, K]^T @ [T, N]``) as float arrays, bit-identical for any
-    thread count: one single-threaded BLAS call per fixed column chunk."""
-    out = np.empty((a.shape[1], b.shape[1]), dtype=np.result_type(a, b))
+    thread count: one single-threaded BLAS call per fixed column chunk. ``out``:
+    a ``[K, N]`` array of the result dtype to write (else a new one)."""
+    if out is None:
+        out = np.empty((a.shape[1], b.shape[1]), dtype=np.result_type(a, b))
     tasks = [lambda c0=c0, c1=c1: _matmul_tn(a, b[:, c0:c1], out[:, c0:c1])
              for c0, c1 in _col_chunks(a.shape[0], a.shape[1], b.shape[1])]
     if not tasks:
