@@ -840,15 +840,18 @@ class MoELayer:
         # routed experts, the combine folded in (row scale = routing weight)
         order = np.asarray(plan.order)
         N = order.shape[0]
-        xs = permute(x2, plan)
-        dys = permute(dy, plan)
+        # the [N, H] row intermediates in per-thread scratch kept between calls (as
+        # run_backward's [N, 3F]): fresh pages cost more than the copies on some hosts
+        xs = permute(x2, plan, out=cpu._scratch("bw_xs", (N, H), cdt))
+        dys = permute(dy, plan, out=cpu._scratch("bw_dys", (N, H), cdt))
         rs = np.ascontiguousarray(np.asarray(routing.weights).reshape(-1)[order], dtype=cdt)
         w1 = wide(self._w1)
         d_w1 = target("w_gate", w1.shape, "w_up" if cfg.glu else None, zero=True)
         job = cpu.BackwardJob(xs, np.asarray(plan.offsets, np.int64), w1, None, cfg.glu,
                               wide(self.w_down), wide(self.b_gate), wide(self.b_up),
                               wide(self.b_down), self._code, self._limit, self._alpha, dys, rs,
-                              np.empty((N, H), cdt), d_w1, None, target("w_down", zero=True),
+                              cpu._scratch("bw_dxs", (N, H), cdt), d_w1, None,
+                              target("w_down", zero=True),
                               opt("b_gate"), opt("b_up"), opt("b_down"),
                               np.empty(N), zeroed=out is None)
         cpu.run_backward(job)

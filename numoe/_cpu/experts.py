@@ -658,7 +658,8 @@ _SCRATCH = threading.local()
 
 
 def _scratch(name, shape, dt):
-    """A per-thread reusable buffer (weight tiles of the BLAS tasks)."""
+    """A per-thread reusable buffer (weight tiles of the BLAS tasks, the backward's
+    row intermediates); kept, at the largest size asked, for the thread's life."""
     buf = getattr(_SCRATCH, name, None)
     size = int(np.prod(shape))
     if buf is None or buf.dtype != dt or buf.size < size:
@@ -1121,8 +1122,9 @@ def run_backward(job):
     glu = job.fused or job.w_up is not None
     dt = job.d_xs.dtype
     N = job.xs.shape[0]
-    h = np.empty((N, F), dtype=dt)                    # row-scaled hidden activations
-    dgu = np.empty((N, 2 * F if glu else F), dtype=dt)  # d gate | d up pre-activations
+    # per-thread scratch kept between calls (N x 3F for GLU): no fresh pages per step
+    h = _scratch("bw_h", (N, F), dt)                    # row-scaled hidden activations
+    dgu = _scratch("bw_dgu", (N, 2 * F if glu else F), dt)  # d gate | d up pre-activations
     none = np.zeros(0, dtype=dt)
     empty64 = np.zeros(0)
     off = job.offsets
