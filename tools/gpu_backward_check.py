@@ -44,13 +44,15 @@ RESULTS = []
 
 
 def _dev(a):
-    from numba import cuda
+    from numoe._cuda import _arrays as A     # bfloat16 too (numba's own copy refuses it)
 
-    return None if a is None else cuda.to_device(np.ascontiguousarray(a))
+    return None if a is None else A.to_device(np.ascontiguousarray(a))
 
 
 def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+    from numoe._cuda import _arrays as A
+
+    return A.to_host(a) if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
 def _sync():

@@ -8,6 +8,7 @@
 # bf16:  tests/test_cuda.py, then the 16-bit checks and timings (tools/gpu_bf16.py)
 # decode: the CUDA-graph tests, the decode layer timings (OLMoE T=1..64, bf16 and
 #        float32, graph vs eager vs HF), the routing table, the full-size backward check
+# run CMD...: any command in this environment (e.g. run python3 tools/gpu_profile.py)
 # Logs and JSON go to $OUT (or ./gpu_out). Expects numpy<2.5 for numba-cuda: when a
 # .whl/ folder is present its wheels are installed to /tmp/site first.
 set -uo pipefail
@@ -70,6 +71,9 @@ case "$mode" in
       --no-qwen --budget 0.3 2>&1 | tee "$OUT/decode.log" || rc=1
     timeout 200 python3 tools/gpu_backward_check.py --dtypes float32,float64,bfloat16 --time \
       2>&1 | tee "$OUT/backward_check.log" || rc=1
+    ;;
+  run)
+    "$@" || rc=1
     ;;
   check|test) ;;
   *) echo "unknown mode $mode"; exit 2 ;;

@@ -181,20 +181,34 @@ def empty(shape, dtype):
     dtype = np.dtype(dtype)
     if dtype in NARROW and not SIM:      # numba cannot allocate dtypes it does not know
         return empty(shape, np.uint16).view(dtype)
-    if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
-        out = cuda.device_array(shape, dtype=dtype)
-    else:
-        arr = _cupy.empty(shape, dtype=dtype)
-        desc = arr.__cuda_array_interface__
-        out = cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
-    if KEEP is not None:     # a CUDA graph is being captured: it owns this memory
-        KEEP.append(out)
+    if KEEP is None:
+        return _alloc(shape, dtype)
+    # a CUDA graph is being captured (numoe._cuda.graph): the graph keeps this memory,
+    # and a new block may need cudaMalloc, which the capture's global mode refuses
+    # unless this thread switches to the relaxed mode for the call (as PyTorch does)
+    from cuda.bindings import driver
+
+    _err, mode = driver.cuThreadExchangeStreamCaptureMode(
+        driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    try:
+        out = _alloc(shape, dtype)
+    finally:
+        driver.cuThreadExchangeStreamCaptureMode(mode)
+    KEEP.append(out)
     return out
 
 
-# While numoe._cuda.graph captures a forward, every array allocated here is
+# While numoe._cuda.graph captures a forward, every array allocated by empty() is
 # appended to this list, which the graph keeps: its replays write that memory.
 KEEP = None
+
+
+def _alloc(shape, dtype):
+    if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
+        return cuda.device_array(shape, dtype=dtype)
+    arr = _cupy.empty(shape, dtype=dtype)
+    desc = arr.__cuda_array_interface__
+    return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
 
 
 _DUMMIES: dict = {}

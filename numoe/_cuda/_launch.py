@@ -55,6 +55,9 @@ def _numba_launch(kernel, grid, block, shmem, args):
 
 def launch(kernel, grid, block, shmem, *args):
     """``kernel[grid, block, 0, shmem](*args)``, through the fast path when possible."""
+    if PROFILE is not None:
+        _profiled(kernel, grid, block, shmem, args)
+        return
     if not ENABLED:
         _numba_launch(kernel, grid, block, shmem, args)
         return
@@ -154,6 +157,28 @@ class _Entry:
                                           _STREAM[0] or self.stream, self.ptr_addr, 0)
         if int(err) != 0:
             raise RuntimeError(f"cuLaunchKernel failed: {err}")
+
+
+# {kernel name: [launches, GPU ms]} while set to a dict (tools/gpu_profile.py):
+# every launch is timed between two events and waited for.
+PROFILE = None
+
+
+def _profiled(kernel, grid, block, shmem, args):
+    global PROFILE
+    prof, PROFILE = PROFILE, None
+    try:
+        e0, e1 = cuda.event(), cuda.event()
+        e0.record()
+        launch(kernel, grid, block, shmem, *args)
+        e1.record()
+        e1.synchronize()
+        name = getattr(getattr(kernel, "py_func", None), "__name__", str(kernel))
+        ent = prof.setdefault(name, [0, 0.0])
+        ent[0] += 1
+        ent[1] += e0.elapsed_time(e1)
+    finally:
+        PROFILE = prof
 
 
 @contextlib.contextmanager

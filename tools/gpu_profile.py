@@ -1,0 +1,84 @@
+"""Per-kernel GPU times of numoe's device forward and routing ops (a GPU machine).
+
+    python tools/gpu_profile.py [--Ts 1,16,64] [--route-T 262144]
+
+Every launch of one eager call is bracketed by two CUDA events and waited
+for (``numoe._cuda._launch.PROFILE``), so the table gives each kernel's GPU
+time without the launch overhead; the wall time of the same call with and
+without the CUDA graph (``numoe._cuda.graph``) is printed beside the sum.
+OLMoE-shaped layer (E=64 k=8 H=2048 F=1024), bfloat16 weights and x.
+"""
+import argparse
+import os
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+from numba import cuda
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numoe  # noqa: E402
+from numoe._cuda import _arrays as A  # noqa: E402
+from numoe._cuda import _launch as L  # noqa: E402
+from numoe._cuda import dispatch as D  # noqa: E402
+from numoe._cuda import moe  # noqa: E402
+from numoe._cuda import routing as R  # noqa: E402
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def wall(fn, n=50):
+    fn()
+    cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def profile(label, fn):
+    fn()                                   # compiles
+    cuda.synchronize()
+    L.PROFILE = {}
+    try:
+        fn()
+    finally:
+        prof, L.PROFILE = L.PROFILE, None
+    total = sum(v[1] for v in prof.values())
+    print(f"\n== {label}: {sum(v[0] for v in prof.values())} launches, "
+          f"GPU {total:.3f} ms in kernels")
+    for name, (n, ms) in sorted(prof.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:32s} {n:3d} x  {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--Ts", default="1,16,64")
+    ap.add_argument("--route-T", type=int, default=262144)
+    a = ap.parse_args()
+    cfg = numoe.MoEConfig.olmoe(num_experts=64, top_k=8, hidden_dim=2048, expert_dim=1024)
+    layer = numoe.MoELayer.random(cfg, seed=0, dtype=BF16, weight_dtype=BF16).to_device()
+    rng = np.random.default_rng(0)
+    for T in (int(v) for v in a.Ts.split(",")):
+        x = A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
+        gpu = profile(f"OLMoE bf16 forward T={T}", lambda: moe.forward(layer, x, graph=False))
+        eager = wall(lambda: moe.forward(layer, x, graph=False))
+        graphed = wall(lambda: moe.forward(layer, x))
+        print(f"  wall: eager {eager:.3f} ms, graph {graphed:.3f} ms, kernels {gpu:.3f} ms")
+    T = a.route_T
+    z = A.to_device(rng.standard_normal((T, 64)).astype(np.float32))
+    profile(f"route T={T} E=64 k=8 float32", lambda: R.route(z, 8))
+    r = R.route(z, 8)
+    flat = A.reshape(r.experts, (T * 8,))
+    profile(f"dispatch_plan T={T}", lambda: D.dispatch_plan(r.experts, 64))
+    profile(f"multisplit T={T}", lambda: D.multisplit(flat, 64))
+
+
+if __name__ == "__main__":
+    main()
