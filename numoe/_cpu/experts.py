@@ -668,6 +668,11 @@ def _scratch(name, shape, dt):
     return buf[:size].reshape(shape)
 
 
+def scratch_bytes():
+    """Bytes of the reusable buffers (:func:`_scratch`) the calling thread holds."""
+    return sum(v.nbytes for v in vars(_SCRATCH).values() if isinstance(v, np.ndarray))
+
+
 def _blas_task(job, e, a, b, glu, none, ew):
     """Rows ``a:b`` through expert ``e`` with NumPy's BLAS: gate and up (one
     product when fused), the activation, down, the down bias.
