@@ -57,14 +57,15 @@ def to_backend(backend, a):
     """Move a host array to the backend (None passes through)."""
     if a is None or backend == "cpu":
         return a
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
+    from numoe._cuda import _arrays as A     # bfloat16 too (numba's own copy refuses it)
+    return A.to_device(np.ascontiguousarray(a))
 
 
 def to_host(a):
     """Bring a result back to NumPy (device arrays are copied)."""
     if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
+        from numoe._cuda import _arrays as A
+        return A.to_host(a)
     return np.asarray(a)
 
 

@@ -33,8 +33,8 @@ def dev(a):
     """A host array on the device (None passes through)."""
     if a is None:
         return None
-    from numba import cuda
-    return cuda.to_device(np.ascontiguousarray(a))
+    from numoe._cuda import _arrays as A     # bfloat16 too (numba's own copy refuses it)
+    return A.to_device(np.ascontiguousarray(a))
 
 
 def is_device(a):

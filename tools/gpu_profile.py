@@ -49,11 +49,12 @@ def profile(label, fn):
         fn()
     finally:
         prof, L.PROFILE = L.PROFILE, None
+    prof.pop("spin", None)
     total = sum(v[1] for v in prof.values())
     print(f"\n== {label}: {sum(v[0] for v in prof.values())} launches, "
           f"GPU {total:.3f} ms in kernels")
     for name, (n, ms) in sorted(prof.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {name:32s} {n:3d} x  {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
+        print(f"  {name:44s} {n:3d} x  {ms:8.3f} ms  {100 * ms / max(total, 1e-9):5.1f}%")
     return total
 
 
