@@ -704,12 +704,14 @@ def train(aux=0.0, rate=0.0, steps=200, batch=256, seed=1):
     layer = numoe.MoELayer.random(cfg, seed=seed)
     opt = Adam(layer.parameters())
     hist = {"loss": [], "load": [], "val_step": [], "val": [], "balance": []}
+    grads = None   # the gradient arrays, reused every step (out=)
     for step in range(steps):
         x, y, _ = data(batch, step)
         out, info = layer.forward(x, return_info=True)
         err = out - y
         hist["loss"].append(float(np.mean(err ** 2)))
-        grads = layer.backward(x, info, 2 * err / err.size, aux_loss_coef=aux)
+        grads = layer.backward(x, info, 2 * err / err.size, aux_loss_coef=aux,
+                               out=grads)
         opt.step(grads)
         counts = info["stats"]["counts"]
         hist["load"].append(counts / counts.sum())
