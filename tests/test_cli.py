@@ -338,6 +338,14 @@ def test_latency_suite_small(tmp_path):
     assert (tmp_path / "lat.png").stat().st_size > 1000
 
 
+def test_train_suite_small():
+    (r,) = bench.run_train_suite(["tiny-olmoe"], repeat=1, hf=False)
+    assert r["numoe_grads"].startswith("out=")       # timed as a training loop runs it
+    assert r["numoe_s"] > 0 and r["numoe_new_s"] > 0 and r["numoe_fwd_s"] > 0
+    assert r["speedup"] is None and any("HF" in n for n in r["notes"])
+    text = bench.format_table([r], "train")
+    assert "new-grads" in text and "out=g" in text
+
 def test_threads_option_runs_in_a_child_with_blas_pinned(capfd):
     rc = main(["bench", "--threads", "1", "--shapes", "tiny-mixtral", "--repeat", "1",
                "--no-hf"])
