@@ -543,9 +543,10 @@ class MoELayer:
         for name in ("router", "w_down", "router_bias", "selection_bias", "b_gate", "b_up",
                      "b_down", "shared_down_proj", "shared_gate_weight"):
             setattr(new, name, put(getattr(self, name)))
-        if self._s1 is not None:     # the shared MLP as a one-expert expert_ffn
-            dev["shared"] = tuple(put(np.ascontiguousarray(a)[None]) for a in (
-                self.shared_gate_proj, self.shared_up_proj, self.shared_down_proj))
+        if self._s1 is not None:     # the shared MLP as a one-expert expert_ffn: views
+            one = lambda a: cuda_module("_arrays").reshape(a, (1,) + tuple(a.shape))  # noqa
+            dev["shared"] = (one(dev["shared_gate_proj"]), one(dev["shared_up_proj"]),
+                             one(new.shared_down_proj))
         return new
 
     # ------------------------------------------------------------- forward
@@ -692,10 +693,10 @@ class MoELayer:
             trained by gradients: see :func:`numoe.update_bias`). ``w_gate``
             / ``w_up`` (and the shared gate/up) are views of the fused
             weights: updating any entry in place (``p -= lr * g``) changes
-            the next forward.
+            the next forward. A device layer returns its device arrays, which
+            its forward reads (in-place updates with CuPy, PyTorch or numba
+            kernels change the next forward, CUDA graphs included).
         """
-        if self._device:
-            raise NotImplementedError("parameters() of a device layer is not supported yet")
         return {n: getattr(self, n) for n in _PARAM_NAMES if getattr(self, n) is not None}
 
     def backward(self, x, info, d_y, *, aux_loss_coef=0.0, z_loss_coef=0.0, out=None):

@@ -484,3 +484,29 @@ def test_device_layer_backward_no_tokens_and_errors():
         dl.backward(dev(x), info, dev(np.ones((3, 9), np.float32)))
     with pytest.raises(TypeError, match="info"):
         dl.backward(dev(x), {}, dev(x))
+
+
+@pytest.mark.parametrize("preset,kw", [("mixtral", {}), ("qwen2_moe", dict(
+    num_shared_experts=1, shared_expert_dim=10))], ids=["mixtral", "qwen2_moe"])
+def test_device_layer_parameters_are_live(preset, kw):
+    """A device layer's parameters() are the device arrays its forward reads, keyed and
+    shaped as the host layer's: an SGD step written into them in place gives the
+    forward of the host layer updated the same way."""
+    from numoe._cuda import _arrays as A
+    cfg = getattr(numoe.MoEConfig, preset)(num_experts=4, top_k=2, hidden_dim=8,
+                                           expert_dim=6, **kw)
+    layer = numoe.MoELayer.random(cfg, seed=5)
+    dl = layer.to_device()
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    d_y = rng.standard_normal((5, 8)).astype(np.float32)
+    hp, dp = layer.parameters(), dl.parameters()
+    assert sorted(hp) == sorted(dp)
+    _, info = dl.forward(dev(x), return_info=True)
+    g = dl.backward(dev(x), info, dev(d_y))
+    for name, p in dp.items():
+        assert is_device(p) and tuple(p.shape) == hp[name].shape, name
+        new = (to_host(p) - 0.5 * to_host(g[name])).astype(p.dtype)
+        p.copy_to_device(A.to_device(new))
+        hp[name][...] = new                       # the same step on the host layer
+    close(dl(dev(x)), layer(x), np.float32)
