@@ -202,7 +202,7 @@ def _run_suite(bench, args):
         if args.suite != "layers":
             raise ValueError(f"--device cuda runs the layer suite only, not {args.suite!r}")
         try:
-            return bench.run_cuda_layer_suite(shapes, repeat=args.repeat, **kw)
+            return bench.run_cuda_layer_suite(shapes, repeat=args.repeat, hf=args.hf, **kw)
         except Exception as exc:  # noqa: BLE001 - any failure: say why, plainly
             raise RuntimeError(f"the CUDA benchmark could not run: {exc}") from exc
     if args.suite == "train":

@@ -713,11 +713,12 @@ def _layer_row(row, dt, weights, repeat, budget, hf_reason, batch_invariant=Fals
     return res
 
 
-def run_cuda_layer_suite(shapes=None, *, dtype="float32", repeat=None, progress=None):
+def run_cuda_layer_suite(shapes=None, *, dtype="float32", repeat=None, progress=None,
+                         hf=True):
     """The layer suite on the GPU: ``numoe._cuda.bench.run`` (the CUDA backend's own)."""
     mod = numoe._backend.cuda_module("bench")
-    return mod.run(shapes=[r.name for r in select_rows(shapes)], dtype=dtype,
-                   repeat=repeat, progress=_reporter(progress))
+    return mod.run(rows=select_rows(shapes), dtype=dtype, repeat=repeat,
+                   progress=_reporter(progress), hf=hf)
 
 
 # ---------------------------------------------------------- routing suite

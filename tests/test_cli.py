@@ -366,6 +366,18 @@ def test_cuda_without_gpu_says_why():
     assert "CUDA benchmark could not run" in proc.stderr
 
 
+def test_cuda_bench_custom_shape_under_the_simulator():
+    """``--device cuda`` takes a ``--shape`` row and ``--no-hf`` like the CPU suite
+    (run under numba's CUDA simulator: the table, not the timings, is checked)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-m", "numoe", "bench", "--device", "cuda",
+                           "--shape", "4,4,2,8,8", "--no-hf", "--repeat", "1"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "mixtral-T4-E4-k2-H8-F8" in proc.stdout
+    assert "HF: not requested" in proc.stdout or "n/a" in proc.stdout
+
+
 @pytest.mark.slow
 def test_startup_probe():
     rows = bench.run_startup("tiny-mixtral", warm_runs=1)

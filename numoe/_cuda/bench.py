@@ -152,6 +152,14 @@ def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm, bw
                touched_experts=touched, weight_bytes=wbytes, floor_s=floor,
                copy_GBps=bw / 1e9, numba_gemm_s=None)
     res["notes"].append("ref ms: the float64 NumPy reference on the host CPU, one call")
+    from . import graph as Gr
+
+    if any(isinstance(v, Gr._Graph) for v in dl.__dict__.get("_graphs", {}).values()):
+        te, _, _ = timeit(lambda: moe.forward(dl, xd, gemm=gemm, graph=False), repeat, budget)
+        res["gemm_path"] += "+graph"
+        res["eager_s"] = te
+        res["notes"].append(f"numoe ms: replays of a captured CUDA graph; the same forward "
+                            f"launched eagerly: {te * 1e3:.3f} ms")
     res["notes"].append(f"expert GEMMs: {res['gemm_path']}; touched experts {touched}, "
                         f"weights read once at copy bandwidth ({bw / 1e9:.0f} GB/s): "
                         f"{floor * 1e3:.3f} ms = floor; numoe/floor {t / floor:.2f}x")
@@ -186,7 +194,11 @@ def _hf(B, layer, row, x, ref, dt, repeat, budget, res):
     except (ValueError, ImportError) as exc:
         res["notes"].append(f"HF: {exc}")
         return
-    block = block.to("cuda")
+    try:
+        block = block.to("cuda")
+    except (RuntimeError, AssertionError) as exc:      # a CPU-only PyTorch build
+        res["notes"].append(f"HF: PyTorch cannot use the GPU: {str(exc).splitlines()[0]}")
+        return
     xt = torch.from_numpy(x).to("cuda")
     impls = ["eager"] + (["grouped_mm"] if B._has_grouped_mm() else [])
     err = None
