@@ -62,10 +62,15 @@ class LayerBackward(H.Bench):
         self.x = H.tokens(T, config["hidden_dim"], dtype)
         self.d_y = H.tokens(T, config["hidden_dim"], dtype, seed=9)
         _, self.info = self.layer.forward(self.x, return_info=True)
-        self.time_backward(T, shape, dtype)
+        self.grads = self.layer.backward(self.x, self.info, self.d_y)
 
     def time_backward(self, T, shape, dtype):
         self.layer.backward(self.x, self.info, self.d_y, aux_loss_coef=0.01, z_loss_coef=0.001)
+
+    def time_backward_out(self, T, shape, dtype):
+        """Into the previous gradients' arrays (``out=``), as a training loop runs it."""
+        self.layer.backward(self.x, self.info, self.d_y, aux_loss_coef=0.01, z_loss_coef=0.001,
+                            out=self.grads)
 
     def time_forward_backward(self, T, shape, dtype):
         _, info = self.layer.forward(self.x, return_info=True)
