@@ -723,7 +723,8 @@ class MoELayer:
             (overwritten, not accumulated) and ``out`` itself is returned:
             a training loop reuses its gradient buffers instead of
             allocating (and first touching) weight-sized arrays every step.
-            Results are bit-identical to ``out=None``.
+            Results are bit-identical to ``out=None``. A device layer takes
+            device arrays and copies its results into them.
 
         Returns
         -------
@@ -768,10 +769,12 @@ class MoELayer:
         from .routing import route_backward, router_probs_backward
 
         if self._device or _on_device(x):
-            if out is not None:
-                raise NotImplementedError("out= is not supported for a device layer yet")
-            return cuda_module("moe_backward").backward(
-                self, x, info, d_y, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+            mb = cuda_module("moe_backward")
+            grads = mb.backward(self, x, info, d_y, aux_loss_coef=aux_loss_coef,
+                                z_loss_coef=z_loss_coef)
+            if out is None:
+                return grads
+            return mb.write_into(out, grads, dict(x=x, d_y=d_y, **self.parameters()))
         cfg = self.config
         x_in = x
         x2, lead = self._host_tokens(x)

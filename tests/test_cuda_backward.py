@@ -510,3 +510,36 @@ def test_device_layer_parameters_are_live(preset, kw):
         p.copy_to_device(A.to_device(new))
         hp[name][...] = new                       # the same step on the host layer
     close(dl(dev(x)), layer(x), np.float32)
+
+
+def test_device_layer_backward_out():
+    """``out=`` on a device layer: the gradients copied into the earlier result's
+    device arrays (the same objects returned, equal to a fresh call); a wrong
+    ``out`` raises naming it, before anything is written."""
+    cfg = numoe.MoEConfig.qwen2_moe(num_experts=4, top_k=2, hidden_dim=8, expert_dim=6,
+                                    num_shared_experts=1, shared_expert_dim=10)
+    dl = numoe.MoELayer.random(cfg, seed=6).to_device()
+    rng = np.random.default_rng(14)
+    x = dev(rng.standard_normal((5, 8)).astype(np.float32))
+    d_y = dev(rng.standard_normal((5, 8)).astype(np.float32))
+    _, info = dl.forward(x, return_info=True)
+    g = dl.backward(x, info, d_y)
+    x2 = dev(rng.standard_normal((5, 8)).astype(np.float32))
+    _, info2 = dl.forward(x2, return_info=True)
+    want = dl.backward(x2, info2, d_y, aux_loss_coef=0.1)
+    ids = {n: id(a) for n, a in g.items()}
+    got = dl.backward(x2, info2, d_y, aux_loss_coef=0.1, out=g)
+    assert got is g and {n: id(a) for n, a in got.items()} == ids
+    for name in want:
+        np.testing.assert_array_equal(to_host(got[name]), to_host(want[name]), name)
+    with pytest.raises(TypeError, match="out"):
+        dl.backward(x2, info2, d_y, out=[])
+    with pytest.raises(ValueError, match="out"):
+        dl.backward(x2, info2, d_y, out={k: v for k, v in g.items() if k != "router"})
+    with pytest.raises(TypeError, match=r"out\['router'\]"):
+        dl.backward(x2, info2, d_y, out=dict(g, router=to_host(g["router"])))
+    with pytest.raises(ValueError, match=r"out\['w_down'\]"):
+        dl.backward(x2, info2, d_y, out=dict(g, w_down=dev(np.zeros((4, 6, 9), np.float32))))
+    with pytest.raises(ValueError, match="share memory"):
+        dl.backward(x2, info2, d_y, out=dict(g, router=dl.parameters()["router"]))
+    np.testing.assert_array_equal(to_host(g["w_gate"]), to_host(want["w_gate"]))

@@ -194,3 +194,67 @@ def _add_outer_kernel(d_x, d_a, gw):
         t = i // H
         h = i - t * H
         d_x[t, h] += d_a[t, 0] * gw[h]
+
+
+def write_into(out, grads, inputs):
+    """``layer.backward(..., out=out)`` of a device layer: ``grads`` (this call's
+    device results) copied into ``out``'s device arrays, which must have the same
+    keys, shapes and dtypes, be C-contiguous and share no memory with ``inputs``
+    (name -> device array or None) nor with each other. Returns ``out``."""
+    if not isinstance(out, dict):
+        raise TypeError(f"out must be the dict returned by an earlier layer.backward, "
+                        f"got {type(out).__name__}")
+    missing = [n for n in grads if n not in out]
+    extra = [str(n) for n in out if n not in grads]
+    if missing or extra:
+        raise ValueError(f"out must have exactly the keys {sorted(grads)} (those of "
+                         f"layer.backward's result): missing {missing}, extra {sorted(extra)}")
+    dst = {}
+    for name, g in grads.items():
+        try:
+            a = A.as_device(f"out[{name!r}]", out[name])
+        except TypeError:
+            raise TypeError(f"out[{name!r}] must be a device array (the layer is on the "
+                            f"GPU), got {type(out[name]).__name__}") from None
+        if a.dtype != g.dtype:
+            raise TypeError(f"out[{name!r}] must have dtype {g.dtype}, got {a.dtype}")
+        if tuple(a.shape) != tuple(g.shape):
+            raise ValueError(f"out[{name!r}] must have shape {tuple(g.shape)}, "
+                             f"got {tuple(a.shape)}")
+        if not a.is_c_contiguous():
+            raise ValueError(f"out[{name!r}] must be C-contiguous")
+        dst[name] = a
+    spans = []
+    for n, v in inputs.items():
+        try:
+            spans.append((n, _span(A.as_device(n, v))))
+        except TypeError:       # None, or not one device array (nothing to overlap)
+            pass
+    for i, (name, a) in enumerate(dst.items()):
+        s = _span(a)
+        for other, t in spans:
+            if _meet(s, t):
+                raise ValueError(f"out[{name!r}] must not share memory with {other}")
+        spans.append((f"out[{name!r}]", s))
+    for name, a in dst.items():
+        if a.size:
+            A.bits(a).copy_to_device(A.bits(grads[name]))
+    return out
+
+
+def _span(a):
+    """``[lo, hi)`` device addresses of ``a``'s elements (None when empty)."""
+    if not a.size:
+        return None
+    lo = a._ary.ctypes.data if A.SIM else (a.device_ctypes_pointer.value or 0)
+    hi = lo + a.dtype.itemsize
+    for n, st in zip(a.shape, a.strides):
+        if st >= 0:
+            hi += (n - 1) * st
+        else:
+            lo += (n - 1) * st
+    return lo, hi
+
+
+def _meet(s, t):
+    return s is not None and t is not None and s[0] < t[1] and t[0] < s[1]
