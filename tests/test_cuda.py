@@ -715,3 +715,48 @@ def test_decode_graph_replays_the_eager_forward(dtype, wdtype, preset, kw):
     y2 = layer(x0)
     np.testing.assert_array_equal(bits(y2), bits(moe.forward(layer, x0, graph=False)))
     assert not np.array_equal(bits(y2), bits(y0))
+
+
+@needs_cuda
+def test_decode_graph_cache_states(monkeypatch):
+    """The graph cache of numoe._cuda.graph without a GPU (capture faked): eager on a
+    shape's first call, captured on its second, replayed after; a failed capture
+    leaves that shape eager for good; a replaced weight array means a new capture;
+    more than MAX_TOKENS tokens, a capacity or a strided x never use a graph."""
+    from numoe._cuda import graph
+    captured = []
+
+    class Fake:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def run(self, x):
+            return ("replay", tuple(x.shape))
+
+    def capture(layer, x, weights):
+        captured.append(tuple(x.shape))
+        return Fake(True) if tuple(x.shape) != (5, 16) else None
+
+    monkeypatch.setattr(graph, "ENABLED", True)
+    monkeypatch.setattr(graph._Graph, "capture", staticmethod(capture))
+    cfg = numoe.MoEConfig.mixtral(num_experts=4, top_k=2, hidden_dim=16, expert_dim=8)
+    layer = numoe.MoELayer.random(cfg, seed=3).to_device()
+    x = dev(np.ones((3, 16), np.float32))
+    assert graph.forward(layer, x) is None and captured == []        # first call: eager
+    assert graph.forward(layer, x) == ("replay", (3, 16)) and captured == [(3, 16)]
+    assert graph.forward(layer, x) == ("replay", (3, 16)) and len(captured) == 1
+    x5 = dev(np.ones((5, 16), np.float32))
+    assert graph.forward(layer, x5) is None and graph.forward(layer, x5) is None
+    assert graph.forward(layer, x5) is None and captured.count((5, 16)) == 1   # eager for good
+    layer.w_down = dev(host(layer.w_down).copy())                    # a new weight array
+    assert graph.forward(layer, x) is None                            # a new key: first call
+    assert graph.forward(layer, x) == ("replay", (3, 16)) and captured.count((3, 16)) == 2
+    big = dev(np.ones((graph.MAX_TOKENS + 1, 16), np.float32))
+    assert graph.forward(layer, big) is None and graph.forward(layer, big) is None
+    strided = dev(np.ones((3, 32), np.float32))[:, :16]
+    assert graph.forward(layer, strided) is None and graph.forward(layer, strided) is None
+    cap = numoe.MoELayer.random(numoe.MoEConfig.switch(
+        num_experts=4, top_k=1, hidden_dim=16, expert_dim=8, capacity_factor=1.0),
+        seed=3).to_device()
+    assert graph.forward(cap, x) is None and graph.forward(cap, x) is None
+    assert (65, 16) not in captured and len(captured) == 3
