@@ -116,6 +116,8 @@ class _Graph:
                     err, graph = driver.cuStreamEndCapture(stream)
                 if int(err):
                     raise RuntimeError(f"cuStreamEndCapture: {err}")
+            if not y.is_c_contiguous():       # (the forward returns a fresh C array)
+                raise RuntimeError("the captured output is not C-contiguous")
             err, exec_ = driver.cuGraphInstantiate(graph, 0)
             if int(err):
                 raise RuntimeError(f"cuGraphInstantiate: {err}")
@@ -127,7 +129,7 @@ class _Graph:
             return None
         finally:
             A.KEEP = None
-        return cls(exec_, graph, stream, x_in, A.contiguous(y), status, keep)
+        return cls(exec_, graph, stream, x_in, y, status, keep)
 
     def run(self, x):
         """Replay on the legacy default stream (ordered with the caller's work)."""
