@@ -38,6 +38,7 @@ F64 = np.dtype(np.float64)
 RTOL16 = {BF16: 2.0 ** -8, F16: 2.0 ** -11}
 ATOL16 = {BF16: 1e-4, F16: 1e-5}
 SMALL = cpu_experts.SMALL_ROWS
+NARROW = cpu_experts.NARROW_SMALL_ROWS        # the BLAS threshold of widened narrow weights
 # (xs dtype, weight dtype): weights as wide as xs's compute dtype or narrower
 PAIRS = [(F32, BF16), (F32, F16), (BF16, BF16), (F16, F16), (BF16, F32), (F16, BF16),
          (F64, BF16), (F64, F32), (F32, F32)]
@@ -87,10 +88,11 @@ def reference(xs, off, kw, **opts):
 @pytest.mark.parametrize("xdt,wdt", PAIRS, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("glu,bias", [(True, False), (True, True), (False, True)])
 def test_expert_ffn_mixed_storage(xdt, wdt, glu, bias):
-    """Both kernel paths: streaming blocks (< SMALL_ROWS rows, also column-split) and
-    BLAS blocks whose narrow weights are widened in tiles (F > BLAS_TILE: two tiles)."""
+    """Both kernel paths: streaming blocks (< SMALL_ROWS rows, or NARROW_SMALL_ROWS for
+    narrow weights; also column-split) and BLAS blocks whose narrow weights are widened
+    in tiles (F > BLAS_TILE: two tiles)."""
     rng = np.random.default_rng(0)
-    counts = [0, 1, SMALL - 1, SMALL, 2, 75]
+    counts = [0, 1, SMALL - 1, SMALL, 2, 75, NARROW - 1, NARROW]
     F = cpu_experts.BLAS_TILE + 20
     xs, off, kw = problem(rng, counts, 36, F, xdt, wdt, glu=glu, bias=bias)
     act = "silu" if glu else "gelu"
@@ -109,7 +111,7 @@ def test_bf16_prefill_on_both_gemm_paths(monkeypatch, force):
     if force == "1":
         assert bf16gemm.isa_path() == bf16gemm.FALLBACK
     rng = np.random.default_rng(9)
-    xs, off, kw = problem(rng, [40, 2, 100], 64, 96, BF16, BF16, bias=True)
+    xs, off, kw = problem(rng, [40, 2, 100, NARROW], 64, 96, BF16, BF16, bias=True)
     y = ffn(xs, off, kw)
     assert_close(y, reference(xs, off, kw))
     cfg = MoEConfig.mixtral(num_experts=4, top_k=2, hidden_dim=64, expert_dim=96)
@@ -210,7 +212,8 @@ def expected(layer, x):
 @pytest.mark.parametrize("dt,wdt", LAYER_DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("T", [3, 200])
 def test_layer_matches_reference(name, dt, wdt, T):
-    """Decode-sized (streaming) and prefill-sized (BLAS, tiles) batches."""
+    """Decode-sized (streaming) and prefill-sized batches (BLAS for float weights;
+    widened narrow weights stream below NARROW_SMALL_ROWS rows per expert)."""
     cfg = getattr(MoEConfig, name)(**PRESETS[name])
     layer = MoELayer.random(cfg, seed=1, dtype=dt, weight_dtype=wdt)
     assert layer.dtype == dt and layer.weight_dtype == wdt

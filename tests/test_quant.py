@@ -125,9 +125,11 @@ def reference(xs, off, kw, **opts):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_expert_ffn_int8_matches_reference_on_dequantized(dtype, bias):
-    """Streaming (< SMALL_ROWS rows), BLAS (tiles wider than BLAS_TILE columns)."""
+    """Streaming (< NARROW_SMALL_ROWS rows for int8 weights), BLAS (tiles wider than
+    BLAS_TILE columns)."""
     rng = np.random.default_rng(2)
-    counts = [0, 1, SMALL - 1, SMALL, 3, 90]
+    narrow = cpu_experts.NARROW_SMALL_ROWS
+    counts = [0, 1, SMALL - 1, SMALL, 3, 90, narrow - 1, narrow]
     F = cpu_experts.BLAS_TILE + 44                # two column tiles per product
     xs, off, kw = problem(rng, counts, 40, F, dtype, bias)
     y = numoe.expert_ffn(xs, off, kw["w_gate"], kw["w_up"], kw["w_down"],

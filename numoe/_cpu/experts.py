@@ -12,7 +12,8 @@ dispatch plan's ``order``, which saves the permuted copy) through expert
 ``e``. A job is cut into *tasks* by rules that read the sizes only, never
 the thread count:
 
-* an expert block of at least ``SMALL_ROWS`` rows is a BLAS task, in row
+* an expert block of at least ``SMALL_ROWS`` rows (``NARROW_SMALL_ROWS``
+  for 16-bit or int8 weights widened for wider rows) is a BLAS task, in row
   blocks of at most ``rows_per_task`` rows: one product for gate and up
   together (pre-fused ``[H, 2F]`` weights) or two (separate weights), the
   activation in one pass, one product for down (+ bias);
@@ -81,8 +82,11 @@ from .._jit import driver, kernel
 from ._narrow import BF16, FLOAT, INT8, kind_of, widen, widen_cols
 
 # Task rules. Results depend on these (and on the sizes), never on threads.
-SMALL_ROWS = 20         # expert blocks with fewer rows stream their weights (measured:
-                        # at 8-16 rows per expert streaming beats BLAS on Python threads)
+SMALL_ROWS = 48         # expert blocks with fewer rows stream their weights (measured,
+                        # Zen 4, 2 threads, 2026-12-02: a layer with 7-21 rows per expert
+                        # 22 -> 17 ms, neutral from 26 to 91 rows per expert)
+NARROW_SMALL_ROWS = 256  # the same for 16-bit/int8 weights widened for wider rows (BLAS
+                        # widens tiles first: streaming measured faster up to ~256 rows)
 BF16_SMALL_ROWS = 4     # the same on the bf16 dot-product GEMM (bf16 rows and weights)
 MIN_TASKS = 4           # below this many tasks, streaming experts split by columns
 SPLIT_COLS = 256        # column chunks are multiples of this
@@ -771,8 +775,12 @@ def _job_stages(job, nthreads):
     wu = w1 if job.w_up is None else storage(job.w_up, E)
     ew = ExpertWeights(*w1, *wu, *storage(job.w_down, E), _bias(job.b_gate, E, dt),
                        _bias(job.b_up, E, dt), _bias(job.b_down, E, dt))
-    small = (BF16_SMALL_ROWS if job.bf16_inputs and _bf16_gemm(ew, job.fused or job.w_up is None)
-             else SMALL_ROWS)
+    if job.bf16_inputs and _bf16_gemm(ew, job.fused or job.w_up is None):
+        small = BF16_SMALL_ROWS
+    elif FLOAT not in (ew.k1, ew.kd):
+        small = NARROW_SMALL_ROWS
+    else:
+        small = SMALL_ROWS
     tasks = plan_tasks(job.offsets, H, F, Hout, glu, job.stream_all, small)
     if not tasks:
         return None
