@@ -950,19 +950,24 @@ class MoELayer:
         return y, _info(logits, routing, plan, cfg)
 
 
+def check_out_keys(out, names):
+    """``out`` of a layer backward (host or device): a dict with exactly the keys ``names``."""
+    if not isinstance(out, dict):
+        raise TypeError(f"out must be the dict returned by an earlier layer.backward, "
+                        f"got {type(out).__name__}")
+    missing = [n for n in names if n not in out]
+    extra = [str(n) for n in out if n not in names]
+    if missing or extra:
+        raise ValueError(f"out must have exactly the keys {sorted(names)} (those of "
+                         f"layer.backward's result): missing {missing}, extra {sorted(extra)}")
+
+
 def _check_grad_out(out, spec, inputs):
     """``out`` of :meth:`MoELayer.backward`: a dict with exactly the keys of ``spec``
     (name -> (shape, dtype)), each a writeable ndarray of that shape and dtype,
     sharing no memory with ``inputs`` (name -> array or None) nor with each other
     (the two halves of one fused buffer are disjoint)."""
-    if not isinstance(out, dict):
-        raise TypeError(f"out must be the dict returned by an earlier layer.backward, "
-                        f"got {type(out).__name__}")
-    missing = [n for n in spec if n not in out]
-    extra = [str(n) for n in out if n not in spec]
-    if missing or extra:
-        raise ValueError(f"out must have exactly the keys {sorted(spec)} (those of "
-                         f"layer.backward's result): missing {missing}, extra {sorted(extra)}")
+    check_out_keys(out, spec)
     arrays = []
     for name, (shape, dtype) in spec.items():
         a = out[name]

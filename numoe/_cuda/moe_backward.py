@@ -201,14 +201,9 @@ def write_into(out, grads, inputs):
     device results) copied into ``out``'s device arrays, which must have the same
     keys, shapes and dtypes, be C-contiguous and share no memory with ``inputs``
     (name -> device array or None) nor with each other. Returns ``out``."""
-    if not isinstance(out, dict):
-        raise TypeError(f"out must be the dict returned by an earlier layer.backward, "
-                        f"got {type(out).__name__}")
-    missing = [n for n in grads if n not in out]
-    extra = [str(n) for n in out if n not in grads]
-    if missing or extra:
-        raise ValueError(f"out must have exactly the keys {sorted(grads)} (those of "
-                         f"layer.backward's result): missing {missing}, extra {sorted(extra)}")
+    from ..layer import check_out_keys
+
+    check_out_keys(out, grads)
     dst = {}
     for name, g in grads.items():
         try:
