@@ -760,3 +760,19 @@ def test_decode_graph_cache_states(monkeypatch):
         seed=3).to_device()
     assert graph.forward(cap, x) is None and graph.forward(cap, x) is None
     assert (65, 16) not in captured and len(captured) == 3
+
+
+@needs_cuda
+def test_graph_gemm_mode_is_the_numba_forward():
+    """What a CUDA-graph capture queues (``gemm="graph"``: numba kernels, no cuBLAS)
+    gives the eager forward's bits (decode GEMV off by default)."""
+    from numoe._cuda import _arrays as A
+    from numoe._cuda import moe
+    cfg = numoe.MoEConfig.qwen2_moe(num_experts=4, top_k=2, hidden_dim=16, expert_dim=8,
+                                    num_shared_experts=1, shared_expert_dim=12)
+    layer = numoe.MoELayer.random(cfg, seed=4).to_device()
+    x = dev(np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32))
+    y, status = moe.queue(layer, x, gemm="graph")
+    np.testing.assert_array_equal(host(y), host(moe.forward(layer, x, gemm="numba",
+                                                            graph=False)))
+    assert host(status).shape == (2,) and A.is_device_array(status)

@@ -24,7 +24,9 @@ What the graph relies on, and how it is kept:
 
 Used for layers without a capacity (their forward has no host read-back)
 and ``x`` with at most :data:`MAX_TOKENS` tokens, C-contiguous; the
-numba GEMM kernels only (no cuBLAS). ``NUMOE_CUDA_GRAPH=0`` turns it off.
+numba GEMM kernels only (no cuBLAS; the split-K decode GEMV of
+:mod:`numoe._cuda.decode` when ``NUMOE_CUDA_DECODE=1``). ``NUMOE_CUDA_GRAPH=0``
+turns it off.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ class _Graph:
                 if int(err):
                     raise RuntimeError(f"cuStreamBeginCapture: {err}")
                 try:
-                    y, status = moe.queue(layer, x_in, gemm="numba")
+                    y, status = moe.queue(layer, x_in, gemm="graph")
                 finally:
                     err, graph = driver.cuStreamEndCapture(stream)
                 if int(err):
