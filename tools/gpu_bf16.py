@@ -398,7 +398,7 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False, qwen=True):
                  F=cfg.expert_dim)
         t, _, y = B.timeit(lambda: moe.forward(lb, xb), None, budget)
         r["numoe_bf16_ms"], r["path"] = t * 1e3, X.last_path.get("gemm")
-        if any(isinstance(v, G._Graph) for v in lb.__dict__.get("_graphs", {}).values()):
+        if G.captured(lb):
             r["path"] = "graph"
             t, _, _ = B.timeit(lambda: moe.forward(lb, xb, graph=False), None, budget)
             r["numoe_bf16_eager_ms"] = t * 1e3
@@ -407,7 +407,7 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False, qwen=True):
         r["numoe_bf16_numba_ms"] = t * 1e3
         t, _, y32 = B.timeit(lambda: moe.forward(l32, x32), None, budget)
         r["numoe_f32_ms"] = t * 1e3
-        if any(isinstance(v, G._Graph) for v in l32.__dict__.get("_graphs", {}).values()):
+        if G.captured(l32):
             t, _, _ = B.timeit(lambda: moe.forward(l32, x32, graph=False), None, budget)
             r["numoe_f32_eager_ms"] = t * 1e3
         _, (_lg, _rt, plan) = moe.forward(lb, xb, return_parts=True)

@@ -154,7 +154,7 @@ def _row(B, reference, numoe, row, dt, repeat, budget, peak, hf_reason, gemm, bw
     res["notes"].append("ref ms: the float64 NumPy reference on the host CPU, one call")
     from . import graph as Gr
 
-    if any(isinstance(v, Gr._Graph) for v in dl.__dict__.get("_graphs", {}).values()):
+    if Gr.captured(dl):
         te, _, _ = timeit(lambda: moe.forward(dl, xd, gemm=gemm, graph=False), repeat, budget)
         res["gemm_path"] += "+graph"
         res["eager_s"] = te

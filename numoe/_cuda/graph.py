@@ -81,6 +81,11 @@ def forward(layer, x):
     return state.run(x)
 
 
+def captured(layer):
+    """Whether ``layer`` holds a captured graph (some shape replays)."""
+    return any(isinstance(v, _Graph) for v in layer.__dict__.get("_graphs", {}).values())
+
+
 class _Graph:
     """One captured forward: its input/output buffers and every array it uses."""
 

@@ -225,7 +225,7 @@ def write_into(out, grads, inputs):
             spans.append((n, _span(A.as_device(n, v))))
         except TypeError:       # None, or not one device array (nothing to overlap)
             pass
-    for i, (name, a) in enumerate(dst.items()):
+    for name, a in dst.items():
         s = _span(a)
         for other, t in spans:
             if _meet(s, t):
