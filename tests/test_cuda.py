@@ -679,6 +679,35 @@ def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit):
 
 
 @needs_cuda
+@pytest.mark.parametrize("T", [1, 2, 5, 12])
+def test_decode_gemv_in_the_fused_layer(T, monkeypatch):
+    """The 16-bit split-K GEMV (default for 16-bit weights and few rows per expert):
+    row tiles sized by the token count (1..8 rows), K split into many slices with a
+    short last one; the device layer matches the host layer, repeats bit for bit,
+    and NUMOE_CUDA_DECODE=0 falls back to the skinny kernel with close values."""
+    from numoe._cuda import decode
+    from numoe._cuda import experts as X
+    from numoe._cuda import moe
+    dt = np.float16                           # the simulator has no bfloat16
+    cfg = numoe.MoEConfig.qwen2_moe(num_experts=6, top_k=2, hidden_dim=44, expert_dim=20,
+                                    num_shared_experts=1, shared_expert_dim=12)
+    host_layer = numoe.MoELayer.random(cfg, seed=5, dtype=dt, weight_dtype=dt)
+    layer = host_layer.to_device()
+    x = np.random.default_rng(T).standard_normal((T, 44)).astype(dt)
+    assert decode.split(44, 2, 1, 2, 64) % 2 == 0 and -(-44 // decode.split(44, 2, 1, 2, 64)) > 1
+    y = moe.forward(layer, dev(x), graph=False)
+    assert "gemv16" in X.last_path["up"], X.last_path
+    want = host_layer(x)
+    close16(y, want, dt)
+    again = moe.forward(layer, dev(x), graph=False)
+    np.testing.assert_array_equal(host(again).view(np.uint16), host(y).view(np.uint16))
+    monkeypatch.setenv("NUMOE_CUDA_DECODE", "0")
+    y0 = moe.forward(layer, dev(x), graph=False)
+    assert "gemv16" not in X.last_path["up"], X.last_path
+    close16(y0, want, dt)
+
+
+@needs_cuda
 @pytest.mark.skipif(SIM, reason="CUDA graphs need a real GPU")
 @pytest.mark.parametrize("dtype,wdtype", [(np.float32, np.float32), (BF16, BF16)], ids=str)
 @pytest.mark.parametrize("preset,kw", [
@@ -761,7 +790,7 @@ def test_decode_graph_cache_states(monkeypatch):
 @needs_cuda
 def test_graph_gemm_mode_is_the_numba_forward():
     """What a CUDA-graph capture queues (``gemm="graph"``: numba kernels, no cuBLAS)
-    gives the eager forward's bits (decode GEMV off by default)."""
+    gives the eager forward's bits (float32 weights: no 16-bit GEMV)."""
     from numoe._cuda import _arrays as A
     from numoe._cuda import moe
     cfg = numoe.MoEConfig.qwen2_moe(num_experts=4, top_k=2, hidden_dim=16, expert_dim=8,

@@ -345,6 +345,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     dec = gemm != "numba" and not force and _decode_ok(work, wg, wu, wd)
     only = "tiled" if dec else None
     kd = kdiv if gidx is not None else 0
+    rb = _rows_bound(a, gidx, kd, N)
     # layer 1: gate (+up) with the activation
     if glu:
         grouped_glu(a, g_idx, kd, wg, wu,
@@ -357,26 +358,32 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
                       didx, dummy, False, hbuf, work, only)
     if dec:
         _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None,
-                      hbuf, work)
+                      hbuf, work, rb)
     # layer 2: down projection (+bias, x routing weight)
     grouped_plain(hbuf, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
                   ACT_NONE, alpha, s_idx, s_val, sidx is not None, out, work, only)
     if dec:
         _decode_layer(False, hbuf, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx,
-                      sval, out, work)
+                      sval, out, work, rb)
     desc = work.describe().replace("skinny", "gemv16") if dec else work.describe()
     last_path.clear()
     last_path.update({"up": desc, "down": desc, "gemm": "numba", "work": work})
     return out
 
 
+def _rows_bound(a, gidx, kdiv, N):
+    """Host bound on any expert's rows: the tokens when rows are read through a routing
+    (top-k picks an expert once per token; a larger count only costs speed), else ``N``."""
+    return min(N, int(a.shape[0])) if gidx is not None and kdiv > 0 else N
+
+
 def _decode_ok(work, wg, wu, wd):
     """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?
 
-    Opt-in (``NUMOE_CUDA_DECODE=1``): correct on an H200, but in its one measurement
-    (2026-12-01) no faster than the numba skinny kernel, whose cost at decode sizes is
-    launch overhead rather than weight traffic."""
-    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "0") != "1":
+    On by default for 16-bit weights (``NUMOE_CUDA_DECODE=0`` turns it off): it
+    streams the touched experts' weights with every SM busy, where the skinny
+    kernel has one block per tile and 128 columns."""
+    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
         return False
     from . import decode
 
@@ -386,16 +393,17 @@ def _decode_ok(work, wg, wu, wd):
 
 
 def _decode_layer(first, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, out,
-                  work):
+                  work, rows_bound):
     """One layer of the few-row experts through the 16-bit GEMV. ``first``: the gate
-    (+up) layer (GLU when ``w2`` is given), else the down projection with the scale."""
+    (+up) layer (GLU when ``w2`` is given), else the down projection with the scale.
+    ``rows_bound``: a host bound on any expert's rows (sizes the GEMV's row tiles)."""
     from . import decode
 
-    bms = _skinny_cfg()[0]
+    bms = decode.tile_rows(rows_bound)
     ts, _tb, cnt, cap_s, _cb = work.tables(bms, _tiled_cfg(True)[0])
     glu = first and w2 is not None
     decode.stage(glu, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, out, ts,
-                 cnt, cap_s, bms)
+                 cnt, cap_s, bms, min(work.E, work.n_rows))
 
 
 def _mma_module():
@@ -426,10 +434,11 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)
     if _decode_ok(work, wg, wu, wd):
+        rb = _rows_bound(a, gidx, kd, N)
         _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
-                      work)
+                      work, rb)
         _decode_layer(False, h, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx, sval,
-                      out, work)
+                      out, work, rb)
     elif work.has("skinny"):
         if glu:
             grouped_glu(a, g_idx, kd, wg, wu, bg if bg is not None else dummy, bg is not None,
