@@ -110,6 +110,8 @@ ROUTE_CASES = [
     (12, 16, 4, dict(score="sigmoid", bias=True, n_groups=4, topk_groups=2)),
     (12, 16, 4, dict(n_groups=8, topk_groups=3, group_score="max")),
     (12, 8, 2, dict(bias=True, renormalize=False)),
+    (37, 64, 8, dict(renormalize=False)),                    # OLMoE-sized rows
+    (19, 64, 8, dict(score="sigmoid")),
 ]
 
 
@@ -123,6 +125,8 @@ def test_route_matches_cpu(dtype, T, E, k, kw):
         z[0] = 1.0                       # all equal: ties go to the lower ids
         z[1] = np.round(z[1])
         z[2, : E // 2] = -np.inf         # masked experts
+        z[3, 1:] = -np.inf               # fewer finite entries than k (when k > 1)
+        z[4] = np.round(z[4] * 0.5)      # many ties among the top entries
     ckw = dict(kw)
     dkw = dict(kw)
     if kw.get("bias"):

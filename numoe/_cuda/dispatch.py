@@ -1,12 +1,12 @@
 """CUDA twins of :mod:`numoe.dispatch`: counting-sort plan, permute, unpermute.
 
-``dispatch_plan`` is a stable multisplit in three kernels:
+``dispatch_plan`` is a stable multisplit in four kernels:
 
 1. per-tile histograms (shared-memory counters; counts do not depend on the
    order of the atomic increments), stored expert-major ``hist[e, tile]``;
-2. one exclusive prefix over that table (a single block: serial runs per
-   thread plus a block scan) -- giving every (expert, tile) its first slot,
-   and ``offsets``/``counts``;
+2. exclusive prefixes: of each expert's row of that table (a block per
+   expert, coalesced chunks) -- every (expert, tile) its first slot inside
+   the expert, and ``counts`` -- then of ``counts`` (one block): ``offsets``;
 3. a scatter in which each tile is cut into contiguous sub-tiles of 32 rows
    per group of 32 threads; a group walks its sub-tile in rounds of 32,
    ranks each element among the equal keys of lower lanes (a 32-wide
@@ -99,12 +99,14 @@ def multisplit(keys, E, order=None, pos=None):
         launch(_ms_hist, g, bs, E * 4, keys, E, tile, ntiles, hist)
     else:
         launch(A._fill, 1, A.block(128), 0, hist, 0)
-    sbs = A.block(1024)
-    launch(_ms_scan, 1, sbs, sbs * 8, hist, E, ntiles, base, offsets, counts)
+    sbs = A.block(256)
+    launch(_ms_scan_rows, min(E, 65535), sbs, sbs * 8, hist, E, ntiles, base, counts)
+    obs = A.block(1024)
+    launch(_ms_offsets, 1, obs, obs * 8, counts, E, offsets)
     if m:
         write_pos = pos is not None
         launch(_ms_scatter, g, bs, (groups * E + bs) * 4, keys, E, tile, ntiles, rounds,
-               lanes, base, order, pos if write_pos else base, write_pos)
+               lanes, offsets, base, order, pos if write_pos else base, write_pos)
     return order, offsets, counts
 
 
@@ -325,36 +327,48 @@ def _ms_hist(keys, E, tile, ntiles, hist):
 
 
 @cuda.jit
-def _ms_scan(hist, E, ntiles, base, offsets, counts):
-    """Single block: ``base`` = exclusive prefix of ``hist`` (expert-major)."""
+def _ms_scan_rows(hist, E, ntiles, base, counts):
+    """A block per expert: ``base[e, :]`` = exclusive prefix of ``hist[e, :]`` (read in
+    block-wide coalesced chunks), ``counts[e]`` its total."""
     sh = cuda.shared.array(0, int64)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    L = E * ntiles
-    per = (L + nt - 1) // nt
-    lo = min(L, tid * per)
-    hi = min(L, lo + per)
-    s = int64(0)
-    for i in range(lo, hi):
-        s += hist[i]
-    excl, total = _block_excl_scan(sh, tid, nt, s)
-    run = excl
-    for i in range(lo, hi):
-        base[i] = run
-        run += hist[i]
-    cuda.syncthreads()
-    for e in range(tid, E, nt):
-        offsets[e] = base[e * ntiles]
-    if tid == 0:
-        offsets[E] = total
-    cuda.syncthreads()
-    for e in range(tid, E, nt):
-        nxt = total if e == E - 1 else base[(e + 1) * ntiles]
-        counts[e] = nxt - base[e * ntiles]
+    for e in range(cuda.blockIdx.x, E, cuda.gridDim.x):
+        row = e * ntiles
+        carry = int64(0)
+        for c0 in range(0, ntiles, nt):
+            i = c0 + tid
+            v = int64(hist[row + i]) if i < ntiles else int64(0)
+            excl, total = _block_excl_scan(sh, tid, nt, v)
+            if i < ntiles:
+                base[row + i] = carry + excl
+            carry += total
+        if tid == 0:
+            counts[e] = carry
 
 
 @cuda.jit
-def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, base, order, pos, write_pos):
+def _ms_offsets(counts, E, offsets):
+    """Single block: ``offsets`` = exclusive prefix of ``counts`` (``offsets[E]`` the total)."""
+    sh = cuda.shared.array(0, int64)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    per = (E + nt - 1) // nt
+    lo = min(E, tid * per)
+    hi = min(E, lo + per)
+    s = int64(0)
+    for i in range(lo, hi):
+        s += counts[i]
+    excl, total = _block_excl_scan(sh, tid, nt, s)
+    for i in range(lo, hi):
+        offsets[i] = excl
+        excl += counts[i]
+    if tid == 0:
+        offsets[E] = total
+
+
+@cuda.jit
+def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, offsets, base, order, pos, write_pos):
     sh = cuda.shared.array(0, int32)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -399,7 +413,7 @@ def _ms_scatter(keys, E, tile, ntiles, rounds, lanes, base, order, pos, write_po
                     elif j > lane:
                         last = False
             if key >= 0:
-                p = base[key * ntiles + tl] + sh[cbase + key] + rank
+                p = offsets[key] + base[key * ntiles + tl] + sh[cbase + key] + rank
                 order[p] = i
                 if write_pos:
                     pos[i] = p

@@ -123,6 +123,12 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
         res = A.zeros((2,), np.int64)
         bs, staged = _tile(E, z.dtype.itemsize)
         general = b is not None or opt.grouped
+        if staged and not general:      # the common case: top-k of the logits
+            launch(_plain_kernel(str(z.dtype), k, E, bs), A.grid(T, bs, 16), bs, 0, z,
+                   opt.sigmoid, opt.renormalize, opt.scale, weights, experts, res)
+            weights = A.astype(weights, out_dtype)
+            return Routing(A.reshape(weights, lead + (k,)),
+                           A.reshape(experts, lead + (k,))), res
         kern = _route_kernel(str(z.dtype), k, staged, general)
         shmem = bs * (E + 1) * z.dtype.itemsize if staged else 0
         nt = -(-T // bs)
@@ -220,6 +226,87 @@ def _write_weights(top, K, renorm, scale, weights, t):
     else:
         for j in range(K):
             weights[t, j] = top[j] * scale
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_kernel(dtype, K, E, BS):
+    """Top-``K`` of the logits (no bias, no groups) with ``E`` and the block ``BS`` compile-time
+    constants: every loop unrolls and the top-k buffer lives in registers. A block stages
+    ``BS`` rows (coalesced, row stride ``E + 1``); each thread checks its row, sorts its
+    first ``K`` entries (stable) and lets a later entry in only when strictly larger than
+    the ``K``-th (ties keep the lower id); same arithmetic as :func:`_route_kernel`."""
+    sm_t = float32 if dtype == "float32" else float64
+    ld = E + 1
+
+    @cuda.jit
+    def kern(z, sigm, renorm, scale, weights, experts, res):
+        T = z.shape[0]
+        tid = cuda.threadIdx.x
+        sm = cuda.shared.array(BS * ld, sm_t)
+        tv = cuda.local.array(K, sm_t)
+        ti = cuda.local.array(K, int32)
+        w = cuda.local.array(K, float64)
+        for tile in range(cuda.blockIdx.x, (T + BS - 1) // BS, cuda.gridDim.x):
+            t0 = tile * BS
+            cuda.syncthreads()
+            for it in range(E):
+                idx = it * BS + tid
+                r = idx // E
+                c = idx - r * E
+                if t0 + r < T:
+                    sm[r * ld + c] = z[t0 + r, c]
+            cuda.syncthreads()
+            t = t0 + tid
+            if t >= T:
+                continue
+            base = tid * ld
+            for j in range(K):
+                tv[j] = sm[base + j]
+                ti[j] = j
+            for i in range(1, K):                 # stable sort of the first K
+                for j in range(i, 0, -1):
+                    if tv[j] > tv[j - 1]:
+                        tv[j], tv[j - 1] = tv[j - 1], tv[j]
+                        ti[j], ti[j - 1] = ti[j - 1], ti[j]
+            bad = False
+            finite = False
+            for e in range(E):
+                v = sm[base + e]
+                if not (v < np.inf):
+                    bad = True
+                elif v > -np.inf:
+                    finite = True
+                if e >= K and v > tv[K - 1]:
+                    tv[K - 1] = v
+                    ti[K - 1] = e
+                    for j in range(K - 1, 0, -1):
+                        if tv[j] > tv[j - 1]:
+                            tv[j], tv[j - 1] = tv[j - 1], tv[j]
+                            ti[j], ti[j - 1] = ti[j - 1], ti[j]
+            if bad:
+                _record(res, t, BAD_VALUE)
+                continue
+            if not sigm and not finite:
+                _record(res, t, ALL_MASKED)
+                continue
+            if sigm:
+                for j in range(K):
+                    w[j] = _sigmoid(float64(tv[j]))
+            else:
+                m = float64(tv[0])
+                for j in range(K):
+                    w[j] = math.exp(float64(tv[j]) - m)
+                if not renorm:
+                    total = 0.0
+                    for e in range(E):
+                        total += math.exp(float64(sm[base + e]) - m)
+                    for j in range(K):
+                        w[j] = w[j] / total
+            for j in range(K):
+                experts[t, j] = ti[j]
+            _write_weights(w, K, renorm, scale, weights, t)
+
+    return kern
 
 
 @functools.lru_cache(maxsize=None)
