@@ -1,12 +1,15 @@
 """Per-kernel GPU times of numoe's device forward and routing ops (a GPU machine).
 
-    python tools/gpu_profile.py [--Ts 1,16,64] [--route-T 262144]
+    python tools/gpu_profile.py [--Ts 1,16,64] [--route-T 262144] [--gemv "64,8,2048;off"]
 
 Every launch of one eager call is bracketed by two CUDA events and waited
 for (``numoe._cuda._launch.PROFILE``), so the table gives each kernel's GPU
 time without the launch overhead; the wall time of the same call with and
 without the CUDA graph (``numoe._cuda.graph``) is printed beside the sum.
 OLMoE-shaped layer (E=64 k=8 H=2048 F=1024), bfloat16 weights and x.
+``--gemv`` first compares decode GEMV configurations (``NUMOE_CUDA_GEMV``
+"threads,loads in flight,target blocks"; "off" = the skinny kernel), each on
+a fresh device layer: graph wall time and GPU time per token count.
 """
 import argparse
 import os
@@ -62,10 +65,32 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--Ts", default="1,16,64")
     ap.add_argument("--route-T", type=int, default=262144)
+    ap.add_argument("--gemv", default="")
     a = ap.parse_args()
     cfg = numoe.MoEConfig.olmoe(num_experts=64, top_k=8, hidden_dim=2048, expert_dim=1024)
-    layer = numoe.MoELayer.random(cfg, seed=0, dtype=BF16, weight_dtype=BF16).to_device()
+    host_layer = numoe.MoELayer.random(cfg, seed=0, dtype=BF16, weight_dtype=BF16)
+    layer = host_layer.to_device()
     rng = np.random.default_rng(0)
+    if a.gemv:
+        xs = {T: A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
+              for T in (int(v) for v in a.Ts.split(","))}
+        for c in a.gemv.split(";"):
+            os.environ.pop("NUMOE_CUDA_GEMV", None)
+            os.environ["NUMOE_CUDA_DECODE"] = "0" if c == "off" else "1"
+            if c not in ("off", "default"):
+                os.environ["NUMOE_CUDA_GEMV"] = c
+            lay = host_layer.to_device()
+            row = []
+            for T, x in xs.items():
+                g = wall(lambda: moe.forward(lay, x), n=30)
+                L.PROFILE = {}
+                moe.forward(lay, x, graph=False)
+                prof, L.PROFILE = L.PROFILE, None
+                prof.pop("spin", None)
+                row.append(f"T={T}: graph {g:.3f} ms, GPU {sum(v[1] for v in prof.values()):.3f}")
+            print(f"gemv {c:16s} " + " | ".join(row), flush=True)
+        os.environ.pop("NUMOE_CUDA_GEMV", None)
+        os.environ["NUMOE_CUDA_DECODE"] = "1"
     for T in (int(v) for v in a.Ts.split(",")):
         x = A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
         gpu = profile(f"OLMoE bf16 forward T={T}", lambda: moe.forward(layer, x, graph=False))

@@ -107,6 +107,7 @@ def _gemv(glu, ka, kw, BMS, NT, UN):
     U = np.uint64
     uVEC, uUN = U(VEC), U(UN)
     M16 = U(0xFFFF)
+    NACC = BMS * VEC
 
     @cuda.jit
     def kern(a, gidx, kdiv, K, KS, w1, w2, NO, W, S, part, tiles, tcount):
@@ -120,8 +121,8 @@ def _gemv(glu, ka, kw, BMS, NT, UN):
         nw = U(NO) // uVEC
         k0 = U(ks) * uKS
         kn = min(uKS, uK - k0)
-        acc1 = cuda.local.array(BMS * VEC, float32)
-        acc2 = cuda.local.array(BMS * VEC, float32)
+        acc1 = cuda.local.array(NACC, float32)
+        acc2 = cuda.local.array(NACC, float32)
         q1 = cuda.local.array(UN, np.uint64)
         q2 = cuda.local.array(UN, np.uint64)
         for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
@@ -143,7 +144,7 @@ def _gemv(glu, ka, kw, BMS, NT, UN):
                 sm[idx] = v
             cuda.syncthreads()
             if c4 < nw:
-                for i in range(BMS * VEC):
+                for i in range(NACC):
                     acc1[i] = float32(0)
                     acc2[i] = float32(0)
                 p = (e * uK + k0) * nw + c4

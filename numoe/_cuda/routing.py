@@ -237,12 +237,13 @@ def _plain_kernel(dtype, K, E, BS):
     the ``K``-th (ties keep the lower id); same arithmetic as :func:`_route_kernel`."""
     sm_t = float32 if dtype == "float32" else float64
     ld = E + 1
+    NSM = BS * ld
 
     @cuda.jit
     def kern(z, sigm, renorm, scale, weights, experts, res):
         T = z.shape[0]
         tid = cuda.threadIdx.x
-        sm = cuda.shared.array(BS * ld, sm_t)
+        sm = cuda.shared.array(NSM, sm_t)
         tv = cuda.local.array(K, sm_t)
         ti = cuda.local.array(K, int32)
         w = cuda.local.array(K, float64)
