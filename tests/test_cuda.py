@@ -693,12 +693,20 @@ def test_decode_gemv_in_the_fused_layer(T, monkeypatch):
     from numoe._cuda import experts as X
     from numoe._cuda import moe
     dt = np.float16                           # the simulator has no bfloat16
-    cfg = numoe.MoEConfig.qwen2_moe(num_experts=6, top_k=2, hidden_dim=44, expert_dim=20,
+    cfg = numoe.MoEConfig.qwen2_moe(num_experts=8, top_k=2, hidden_dim=44, expert_dim=20,
                                     num_shared_experts=1, shared_expert_dim=12)
     host_layer = numoe.MoELayer.random(cfg, seed=5, dtype=dt, weight_dtype=dt)
     layer = host_layer.to_device()
     x = np.random.default_rng(T).standard_normal((T, 44)).astype(dt)
     assert decode.split(44, 2, 1, 2, 64) % 2 == 0 and -(-44 // decode.split(44, 2, 1, 2, 64)) > 1
+    from numoe._cuda import gemm as G
+    calls = []
+    stage = decode.stage
+    monkeypatch.setattr(decode, "stage", lambda *a: calls.append(a) or stage(*a))
+    np.testing.assert_allclose(                # the router: a one-expert GEMV (16-bit b)
+        host(G.matmul(dev(x), layer.router, out_dtype=np.float32)),
+        x.astype(np.float32) @ host_layer.router.astype(np.float32), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
     y = moe.forward(layer, dev(x), graph=False)
     assert "gemv16" in X.last_path["up"], X.last_path
     want = host_layer(x)

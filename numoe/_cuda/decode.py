@@ -59,10 +59,13 @@ def tile_rows(rows_bound):
     return max(1, min(MAX_ROWS, int(rows_bound)))
 
 
+MAX_SPLIT = 16     # slices of K at most (the epilogue sums them in order)
+
+
 def split(K, tiles, col_blocks, UN, target):
-    """``KS``, the rows of ``K`` per block: about ``target`` blocks in all, a multiple of
-    ``UN``."""
-    nsplit = max(1, min(-(-K // UN), target // max(1, tiles * col_blocks)))
+    """``KS``, the rows of ``K`` per block: about ``target`` blocks in all (at most
+    :data:`MAX_SPLIT` slices), a multiple of ``UN``."""
+    nsplit = max(1, min(-(-K // UN), MAX_SPLIT, target // max(1, tiles * col_blocks)))
     ks = -(-K // nsplit)
     return -(-ks // UN) * UN
 

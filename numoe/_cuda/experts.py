@@ -65,6 +65,8 @@ SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny
 # OLMoE T=512 (64 rows/expert) 4.1 ms vs 8.3 ms numba-only, T=4096 4.6 vs 24.3 ms; at
 # 32 rows/expert (Qwen3-MoE T=512) and below the numba kernels were faster.
 MMA_MIN_ROWS_PER_EXPERT = SKINNY_MAX_ROWS
+# With the 16-bit GEMV on and at most this many tokens, every expert goes through it.
+DECODE_MAX_ROWS = 64
 
 
 # ----------------------------------------------------------------- configs
@@ -323,7 +325,13 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         sval = A.compute(sval)
     hbuf = A.empty((N, F), dt)
     mode = "numba" if (force or narrow) else _gemm_mode(gemm)   # forcing a family: numba
-    work = _Work(off, N, force)
+    kd = kdiv if gidx is not None else 0
+    rb = _rows_bound(a, gidx, kd, N)
+    dec = gemm != "numba" and not force and _decode_ok(wg, wu, wd)
+    # decode-sized batches: every expert through the GEMV (row tiles of <= 8, weights
+    # re-read per tile) -- a tiled kernel on one or two 49..64-row experts has too few
+    # blocks to stream its weights
+    work = _Work(off, N, "skinny" if dec and rb <= DECODE_MAX_ROWS else force)
     dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
     didx = A.dummy(np.int64)
     g_idx = gidx if gidx is not None else didx
@@ -342,10 +350,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
                          sval, work, N, F)):
         return out
-    dec = gemm != "numba" and not force and _decode_ok(work, wg, wu, wd)
     only = "tiled" if dec else None
-    kd = kdiv if gidx is not None else 0
-    rb = _rows_bound(a, gidx, kd, N)
     # layer 1: gate (+up) with the activation
     if glu:
         grouped_glu(a, g_idx, kd, wg, wu,
@@ -377,13 +382,13 @@ def _rows_bound(a, gidx, kdiv, N):
     return min(N, int(a.shape[0])) if gidx is not None and kdiv > 0 else N
 
 
-def _decode_ok(work, wg, wu, wd):
+def _decode_ok(wg, wu, wd):
     """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?
 
     On by default for 16-bit weights (``NUMOE_CUDA_DECODE=0`` turns it off): it
     streams the touched experts' weights with every SM busy, where the skinny
     kernel has one block per tile and 128 columns."""
-    if not work.has("skinny") or os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
+    if os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
         return False
     from . import decode
 
@@ -433,7 +438,7 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
         return False
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)
-    if _decode_ok(work, wg, wu, wd):
+    if work.has("skinny") and _decode_ok(wg, wu, wd):
         rb = _rows_bound(a, gidx, kd, N)
         _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
                       work, rb)

@@ -2,7 +2,9 @@
 
 The product runs through the grouped kernels of :mod:`numoe._cuda.experts`
 as a single group (one "expert" whose weight is ``b``): the skinny kernel
-for few rows, the tiled one otherwise. Deterministic (one thread per
+for few rows, the tiled one otherwise -- or, for at most 64 rows and a
+16-bit ``b`` (a 16-bit layer's router), the split-K GEMV of
+:mod:`numoe._cuda.decode`. Deterministic (one thread per
 output element, fixed summation order).
 """
 from __future__ import annotations
@@ -66,10 +68,16 @@ def matmul(a, b, out=None, out_dtype=None):
             bs = A.block(256)
             launch(A._fill, A.grid(M * N, bs), bs, 0, A.reshape(A.bits(res), (M * N,)), 0)
         else:
-            work = X._Work(_range_offsets(M), M)
             w3 = A.reshape(bd, (1, K, N))
-            dummy = A.dummy(A.compute_dtype(a2.dtype))
             didx = A.dummy(np.int64)
-            X.grouped_plain(a2, didx, 0, w3, dummy, False, X.ACT_NONE,
-                            0.0, didx, dummy, False, res, work)
+            if M <= X.DECODE_MAX_ROWS and X._decode_ok(w3, None, w3):
+                # few rows, 16-bit b (a 16-bit layer's router): the split-K GEMV
+                work = X._Work(_range_offsets(M), M, "skinny")
+                X._decode_layer(False, a2, didx, 0, w3, None, None, None, X.ACT_NONE, 0.0,
+                                0.0, None, None, res, work, M)
+            else:
+                work = X._Work(_range_offsets(M), M)
+                dummy = A.dummy(A.compute_dtype(a2.dtype))
+                X.grouped_plain(a2, didx, 0, w3, dummy, False, X.ACT_NONE,
+                                0.0, didx, dummy, False, res, work)
     return A.reshape(res, lead + (N,))
