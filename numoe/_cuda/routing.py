@@ -238,6 +238,7 @@ def _plain_kernel(dtype, K, E, BS):
     sm_t = float32 if dtype == "float32" else float64
     ld = E + 1
     NSM = BS * ld
+    NB = 8
 
     @cuda.jit
     def kern(z, sigm, renorm, scale, weights, experts, res):
@@ -247,15 +248,22 @@ def _plain_kernel(dtype, K, E, BS):
         tv = cuda.local.array(K, sm_t)
         ti = cuda.local.array(K, int32)
         w = cuda.local.array(K, float64)
+        vals = cuda.local.array(NB, sm_t)
         for tile in range(cuda.blockIdx.x, (T + BS - 1) // BS, cuda.gridDim.x):
             t0 = tile * BS
             cuda.syncthreads()
-            for it in range(E):
-                idx = it * BS + tid
-                r = idx // E
-                c = idx - r * E
-                if t0 + r < T:
-                    sm[r * ld + c] = z[t0 + r, c]
+            for it0 in range(0, E, NB):          # NB loads in flight, then NB stores
+                for u in range(NB):
+                    idx = (it0 + u) * BS + tid
+                    r = idx // E
+                    vals[u] = 0
+                    if it0 + u < E and t0 + r < T:
+                        vals[u] = z[t0 + r, idx - r * E]
+                for u in range(NB):
+                    idx = (it0 + u) * BS + tid
+                    r = idx // E
+                    if it0 + u < E and t0 + r < T:
+                        sm[r * ld + idx - r * E] = vals[u]
             cuda.syncthreads()
             t = t0 + tid
             if t >= T:
