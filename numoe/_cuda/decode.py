@@ -37,15 +37,15 @@ MAX_ROWS = 8       # rows per tile at most (BMS)
 
 
 def _cfg():
-    """(NT threads per block, UN loads in flight per matrix, target blocks per launch,
-    rows per tile at most); ``NUMOE_CUDA_GEMV="NT,UN,TARGET[,ROWS]"`` overrides (tuning)."""
+    """(NT threads per block, UN loads in flight per matrix, target blocks per launch);
+    ``NUMOE_CUDA_GEMV="NT,UN,TARGET"`` overrides (tuning)."""
     if A.SIM:
-        return 4, 2, 64, MAX_ROWS
+        return 4, 2, 64
     env = os.environ.get("NUMOE_CUDA_GEMV")
     if env:
-        v = [int(x) for x in env.split(",")]
-        return tuple(v) + (MAX_ROWS,) * (4 - len(v))
-    return 64, 8, 2048, MAX_ROWS
+        nt, un, target = (int(v) for v in env.split(","))
+        return nt, un, target
+    return 64, 8, 2048
 
 
 def usable(w, NO):
@@ -56,7 +56,7 @@ def usable(w, NO):
 
 def tile_rows(rows_bound):
     """Rows per tile: the host's bound on any expert's rows, at most :data:`MAX_ROWS`."""
-    return max(1, min(_cfg()[3], int(rows_bound)))
+    return max(1, min(MAX_ROWS, int(rows_bound)))
 
 
 MAX_SPLIT = 16     # slices of K at most (the epilogue sums them in order)
@@ -75,7 +75,7 @@ def stage(glu, a, gidx, kdiv, w1, w2, b1, b2, code, limit, alpha, sidx, sval, ou
     """One layer over the tiles ``ts`` (count ``cnt[0]``, at most ``BMS`` rows each):
     ``out = glu(a w1 + b1, a w2 + b2)`` or ``out = act(a w1 + b1) * sval[sidx[r]]``.
     ``est_tiles``: the host's guess of the tile count (sizes the split of ``K``)."""
-    NT, UN, target, _rows = _cfg()
+    NT, UN, target = _cfg()
     K = int(a.shape[1])
     NO = int(out.shape[1])
     W = NO * (2 if glu else 1)
@@ -146,7 +146,6 @@ def _gemv(glu, ka, kw, BMS, NT, UN):
                     v = float32(lda(a[src * uK + k0 + kk]))
                 sm[idx] = v
             cuda.syncthreads()
-            nr = rend - r0                  # rows of this tile (the same in the block)
             if c4 < nw:
                 for i in range(NACC):
                     acc1[i] = float32(0)
@@ -170,15 +169,15 @@ def _gemv(glu, ka, kw, BMS, NT, UN):
                             if glu:
                                 h = _narrow.widen((q2[u] >> U(16 * j)) & M16, kw)
                             for i in range(BMS):
-                                if U(i) < nr:       # uniform branch: no work on empty rows
-                                    x = sm[U(i) * uKS + kk + U(u)]
-                                    acc1[i * VEC + j] += x * g
-                                    if glu:
-                                        acc2[i * VEC + j] += x * h
+                                x = sm[U(i) * uKS + kk + U(u)]
+                                acc1[i * VEC + j] += x * g
+                                if glu:
+                                    acc2[i * VEC + j] += x * h
                     p += uUN * nw
                     kk += uUN
                 for i in range(BMS):
-                    if U(i) < nr:
+                    r = r0 + U(i)
+                    if r < rend:
                         base = (U(ks) * U(S) + U(t) * U(BMS) + U(i)) * U(W) + c4 * uVEC
                         for j in range(VEC):
                             part[base + U(j)] = acc1[i * VEC + j]

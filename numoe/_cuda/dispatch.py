@@ -295,13 +295,6 @@ def combine(ys, pos, w, k, out, *, weighted=True):
     """``out[t] = sum_j w[t, j] * ys[pos[t*k+j]]`` (kept slots, ascending j)."""
     T, H = tuple(out.shape)
     if T and H:
-        ysw, outw = _words(A.bits(ys)), _words(A.bits(out))
-        if ys.dtype == out.dtype and out.dtype.itemsize in (2, 4) and ysw is not None \
-                and outw is not None:       # 64-bit words: 4 (16-bit) or 2 (float32) values
-            bs = A.block(_row_block(outw.shape[1]))
-            kern = _combine_words_kernel(str(out.dtype), weighted)
-            launch(kern, A.grid(T * bs, bs, 16), bs, 0, ysw, pos, w, k, outw)
-            return out
         bs = A.block(_row_block(H))
         kern = _combine_kernel(str(out.dtype), weighted)
         launch(kern, A.grid(T * bs, bs, 16), bs, 0, A.bits(ys), pos, w, k, A.bits(out))
@@ -718,53 +711,6 @@ def _combine_kernel(dtype, weighted):
                             a0 += ld(ys[p, h])
                 dst[h] = st(a0)
                 h += bs
-
-    return kern
-
-
-@functools.lru_cache(maxsize=None)
-def _combine_words_kernel(dtype, weighted):
-    """:func:`_combine_kernel` on rows read and written as 64-bit words (``VEC`` values
-    each, float32 or 16-bit): the same float32 sums in the same order, so the same bits,
-    with a quarter (16-bit) or half (float32) of the memory instructions."""
-    kind = _narrow.kind_of(np.dtype(dtype))
-    VEC = 8 // np.dtype(dtype).itemsize
-    SH = 64 // VEC
-    U = np.uint64
-    MASK = U((1 << SH) - 1)
-    zero = float32(0)
-
-    @cuda.jit
-    def kern(ys, pos, w, k, out):
-        T = out.shape[0]
-        HW = out.shape[1]
-        acc = cuda.local.array(VEC, float32)
-        for t in range(cuda.blockIdx.x, T, cuda.gridDim.x):
-            for hw in range(cuda.threadIdx.x, HW, cuda.blockDim.x):
-                for v in range(VEC):
-                    acc[v] = zero
-                for j in range(k):
-                    p = pos[t * k + j]
-                    if p >= 0:
-                        q = ys[p, hw]
-                        for v in range(VEC):
-                            b = (q >> U(SH * v)) & MASK
-                            if kind == _narrow.NATIVE:
-                                x = float32(_narrow._f32_from_u32(b))
-                            else:
-                                x = _narrow.widen(b, kind)
-                            if weighted:
-                                acc[v] += w[t, j] * x
-                            else:
-                                acc[v] += x
-                r = U(0)
-                for v in range(VEC):
-                    if kind == _narrow.NATIVE:
-                        bits = U(_narrow._u32_from_f32(acc[v]))
-                    else:
-                        bits = U(_narrow.narrow(acc[v], kind))
-                    r |= bits << U(SH * v)
-                out[t, hw] = r
 
     return kern
 
