@@ -294,7 +294,7 @@ def _gemm_mode(gemm):
     """"numba" or "cublas": ``gemm`` if given, else ``NUMOE_CUDA_GEMM``, else "auto"
     (cuBLAS through CuPy when CuPy imports -- measured faster for experts with many
     rows -- otherwise the numba kernels). ``gemm="graph"`` (a CUDA-graph capture,
-    :mod:`numoe._cuda.graph`): the numba kernels, with the opt-in decode GEMV and the
+    :mod:`numoe._cuda.graph`): the numba kernels, with the 16-bit decode GEMV and the
     tensor cores allowed, never cuBLAS (its host read-back cannot be captured)."""
     mode = gemm or os.environ.get("NUMOE_CUDA_GEMM", "auto")
     if mode in ("cublas", "auto") and not A.SIM:

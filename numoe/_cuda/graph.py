@@ -25,7 +25,7 @@ What the graph relies on, and how it is kept:
 Used for layers without a capacity (their forward has no host read-back)
 and ``x`` with at most :data:`MAX_TOKENS` tokens, C-contiguous; the
 numba GEMM kernels only (no cuBLAS; the split-K decode GEMV of
-:mod:`numoe._cuda.decode` when ``NUMOE_CUDA_DECODE=1``). ``NUMOE_CUDA_GRAPH=0``
+:mod:`numoe._cuda.decode` for 16-bit weights unless ``NUMOE_CUDA_DECODE=0``). ``NUMOE_CUDA_GRAPH=0``
 turns it off.
 """
 from __future__ import annotations
