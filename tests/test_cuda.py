@@ -713,6 +713,11 @@ def test_decode_gemv_in_the_fused_layer(T, monkeypatch):
     close16(y, want, dt)
     again = moe.forward(layer, dev(x), graph=False)
     np.testing.assert_array_equal(host(again).view(np.uint16), host(y).view(np.uint16))
+    # float64 activations keep the float64 kernels (the GEMV sums in float32)
+    w = [host(getattr(layer, n)) for n in ("w_gate", "w_up", "w_down")]
+    off = np.array([0, T, T] + [T] * 6)
+    numoe.expert_ffn(dev(x.astype(np.float64)), dev(off), *map(dev, w))
+    assert "gemv16" not in X.last_path["up"], X.last_path
     monkeypatch.setenv("NUMOE_CUDA_DECODE", "0")
     y0 = moe.forward(layer, dev(x), graph=False)
     assert "gemv16" not in X.last_path["up"], X.last_path

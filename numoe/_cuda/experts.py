@@ -327,7 +327,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     mode = "numba" if (force or narrow) else _gemm_mode(gemm)   # forcing a family: numba
     kd = kdiv if gidx is not None else 0
     rb = _rows_bound(a, gidx, kd, N)
-    dec = gemm != "numba" and not force and _decode_ok(wg, wu, wd)
+    dec = gemm != "numba" and not force and _decode_ok(a, wg, wu, wd)
     # decode-sized batches: every expert through the GEMV (row tiles of <= 8, weights
     # re-read per tile) -- a tiled kernel on one or two 49..64-row experts has too few
     # blocks to stream its weights
@@ -382,13 +382,15 @@ def _rows_bound(a, gidx, kdiv, N):
     return min(N, int(a.shape[0])) if gidx is not None and kdiv > 0 else N
 
 
-def _decode_ok(wg, wu, wd):
+def _decode_ok(a, wg, wu, wd):
     """The 16-bit split-K GEMV (:mod:`numoe._cuda.decode`) for the few-row experts?
 
-    On by default for 16-bit weights (``NUMOE_CUDA_DECODE=0`` turns it off): it
-    streams the touched experts' weights with every SM busy, where the skinny
-    kernel has one block per tile and 128 columns."""
-    if os.environ.get("NUMOE_CUDA_DECODE", "1") == "0":
+    On by default for 16-bit weights and float32/16-bit activations (it sums in
+    float32; float64 ``a`` keeps the float64 kernels); ``NUMOE_CUDA_DECODE=0`` turns
+    it off. It streams the touched experts' weights with every SM busy, where the
+    skinny kernel has one block per tile and 128 columns."""
+    if (os.environ.get("NUMOE_CUDA_DECODE", "1") == "0"
+            or A.compute_dtype(a.dtype) != np.float32):
         return False
     from . import decode
 
@@ -438,7 +440,7 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
         return False
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)
-    if work.has("skinny") and _decode_ok(wg, wu, wd):
+    if work.has("skinny") and _decode_ok(a, wg, wu, wd):
         rb = _rows_bound(a, gidx, kd, N)
         _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
                       work, rb)

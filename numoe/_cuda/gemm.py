@@ -70,7 +70,7 @@ def matmul(a, b, out=None, out_dtype=None):
         else:
             w3 = A.reshape(bd, (1, K, N))
             didx = A.dummy(np.int64)
-            if M <= X.DECODE_MAX_ROWS and X._decode_ok(w3, None, w3):
+            if M <= X.DECODE_MAX_ROWS and X._decode_ok(a2, w3, None, w3):
                 # few rows, 16-bit b (a 16-bit layer's router): the split-K GEMV
                 work = X._Work(_range_offsets(M), M, "skinny")
                 X._decode_layer(False, a2, didx, 0, w3, None, None, None, X.ACT_NONE, 0.0,
