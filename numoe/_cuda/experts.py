@@ -348,7 +348,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     if (narrow and not force and gemm != "numba" and N > MMA_MIN_ROWS_PER_EXPERT * E
             and _mma_module().usable(a, wg, wu, wd)
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
-                         sval, work, N, F)):
+                         sval, work, N, F, rb)):
         return out
     only = "tiled" if dec else None
     # layer 1: gate (+up) with the activation
@@ -420,9 +420,10 @@ def _mma_module():
 
 
 def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx, sval,
-             work, N, F):
+             work, N, F, rb):
     """The tensor-core path (:mod:`numoe._cuda.mma`) for experts with many rows, the
-    skinny numba kernels for the others; 16-bit ``h`` between the two layers.
+    skinny numba kernels (or the 16-bit GEMV, row tiles sized by ``rb``, the host's bound
+    on an expert's rows) for the others; 16-bit ``h`` between the two layers.
     Returns False when the tensor-core kernels cannot be built (nothing is final then:
     the caller recomputes everything with the numba kernels)."""
     mma = _mma_module()
@@ -441,7 +442,6 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)
     if work.has("skinny") and _decode_ok(a, wg, wu, wd):
-        rb = _rows_bound(a, gidx, kd, N)
         _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
                       work, rb)
         _decode_layer(False, h, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx, sval,

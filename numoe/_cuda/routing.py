@@ -228,13 +228,34 @@ def _write_weights(top, K, renorm, scale, weights, t):
             weights[t, j] = top[j] * scale
 
 
+@cuda.jit(device=True)
+def _write_top_weights(top, K, row, E, sigm, renorm, scale, weights, t):
+    """Weights of a plain route from its top-``K`` logits ``top`` (float64, descending;
+    overwritten): sigmoid, or softmax (over the whole ``row`` when not renormalised)."""
+    if sigm:
+        for j in range(K):
+            top[j] = _sigmoid(top[j])
+    else:
+        m = top[0]
+        for j in range(K):
+            top[j] = math.exp(top[j] - m)
+        if not renorm:
+            total = 0.0
+            for e in range(E):
+                total += math.exp(float64(row[e]) - m)
+            for j in range(K):
+                top[j] = top[j] / total
+    _write_weights(top, K, renorm, scale, weights, t)
+
+
 @functools.lru_cache(maxsize=None)
 def _plain_kernel(dtype, K, E, BS):
-    """Top-``K`` of the logits (no bias, no groups) with ``E`` and the block ``BS`` compile-time
-    constants: every loop unrolls and the top-k buffer lives in registers. A block stages
-    ``BS`` rows (coalesced, row stride ``E + 1``); each thread checks its row, sorts its
-    first ``K`` entries (stable) and lets a later entry in only when strictly larger than
-    the ``K``-th (ties keep the lower id); same arithmetic as :func:`_route_kernel`."""
+    """Top-``K`` of the logits (no bias, no groups) with ``E`` and the block ``BS``
+    compile-time constants: every loop unrolls and the top-k buffer lives in registers.
+    A block stages ``BS`` rows (coalesced, row stride ``E + 1``); each thread checks its
+    row (:func:`_row_status`), sorts its first ``K`` entries (stable) and lets a later
+    entry in only when strictly larger than the ``K``-th (ties keep the lower id); the
+    weights as in :func:`_route_kernel` (:func:`_write_top_weights`)."""
     sm_t = float32 if dtype == "float32" else float64
     ld = E + 1
     NSM = BS * ld
@@ -268,52 +289,32 @@ def _plain_kernel(dtype, K, E, BS):
             t = t0 + tid
             if t >= T:
                 continue
-            base = tid * ld
+            row = sm[tid * ld:tid * ld + E]
+            st = _row_status(row, E, not sigm)
+            if st != OK:
+                _record(res, t, st)
+                continue
             for j in range(K):
-                tv[j] = sm[base + j]
+                tv[j] = row[j]
                 ti[j] = j
             for i in range(1, K):                 # stable sort of the first K
                 for j in range(i, 0, -1):
                     if tv[j] > tv[j - 1]:
                         tv[j], tv[j - 1] = tv[j - 1], tv[j]
                         ti[j], ti[j - 1] = ti[j - 1], ti[j]
-            bad = False
-            finite = False
-            for e in range(E):
-                v = sm[base + e]
-                if not (v < np.inf):
-                    bad = True
-                elif v > -np.inf:
-                    finite = True
-                if e >= K and v > tv[K - 1]:
+            for e in range(K, E):
+                v = row[e]
+                if v > tv[K - 1]:
                     tv[K - 1] = v
                     ti[K - 1] = e
                     for j in range(K - 1, 0, -1):
                         if tv[j] > tv[j - 1]:
                             tv[j], tv[j - 1] = tv[j - 1], tv[j]
                             ti[j], ti[j - 1] = ti[j - 1], ti[j]
-            if bad:
-                _record(res, t, BAD_VALUE)
-                continue
-            if not sigm and not finite:
-                _record(res, t, ALL_MASKED)
-                continue
-            if sigm:
-                for j in range(K):
-                    w[j] = _sigmoid(float64(tv[j]))
-            else:
-                m = float64(tv[0])
-                for j in range(K):
-                    w[j] = math.exp(float64(tv[j]) - m)
-                if not renorm:
-                    total = 0.0
-                    for e in range(E):
-                        total += math.exp(float64(sm[base + e]) - m)
-                    for j in range(K):
-                        w[j] = w[j] / total
             for j in range(K):
                 experts[t, j] = ti[j]
-            _write_weights(w, K, renorm, scale, weights, t)
+                w[j] = float64(tv[j])
+            _write_top_weights(w, K, row, E, sigm, renorm, scale, weights, t)
 
     return kern
 
@@ -353,22 +354,9 @@ def _route_kernel(dtype, K, staged, general):
         n = 0
         for e in range(E):
             n = insert(tv, ti, n, float64(row[e]), e)
-        if sigm:
-            for j in range(K):
-                tv[j] = _sigmoid(tv[j])
-        else:
-            m = tv[0]
-            for j in range(K):
-                tv[j] = math.exp(tv[j] - m)
-            if not renorm:
-                total = 0.0
-                for e in range(E):
-                    total += math.exp(float64(row[e]) - m)
-                for j in range(K):
-                    tv[j] = tv[j] / total
         for j in range(K):
             experts[t, j] = ti[j]
-        _write_weights(tv, K, renorm, scale, weights, t)
+        _write_top_weights(tv, K, row, E, sigm, renorm, scale, weights, t)
 
     @cuda.jit(device=True)
     def general_row(row, E, bias, use_bias, sigm, renorm, n_groups, topk_groups, group_max,
