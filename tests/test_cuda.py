@@ -652,12 +652,16 @@ def test_cupy_and_torch_16bit_inputs():
 @pytest.mark.skipif(SIM, reason="tensor cores (linked CUDA C++) need a real GPU")
 @pytest.mark.parametrize("dtype", NARROW, ids=str)
 @pytest.mark.parametrize("glu,act,bias,limit", FFN_CASES[:3] + FFN_CASES[3:4])
-def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit):
+@pytest.mark.parametrize("bm", ["32", "64", "128"])
+def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit, bm, monkeypatch):
     """Experts with many rows run on the tensor cores (numoe._cuda.mma) when the
-    linked C++ builds here; every tile edge case: ragged rows, an empty expert,
-    few-row experts beside them (the GEMV), columns not a multiple of the tile."""
+    linked C++ builds here, in 32-, 64- and 128-row tiles; every tile edge case: ragged
+    rows, an empty expert, few-row experts beside them (the GEMV), columns and K not
+    multiples of the tile."""
     from numoe._cuda import experts as X
     from numoe._cuda import mma
+    monkeypatch.setenv("NUMOE_CUDA_MMA_BM", bm)
+    assert mma.tile_rows(10, 5) == int(bm)
     rng = np.random.default_rng(26)
     E, H, F = 5, 136, 200
     counts = np.array([130, 0, 7, 300, 65])
@@ -680,6 +684,57 @@ def test_expert_ffn_tensor_cores(dtype, glu, act, bias, limit):
     again = numoe.expert_ffn(d(xs), d(off), d(wg), d(wu), d(wd), activation=act,
                              b_gate=d(bg), b_up=d(bu), b_down=d(bd), limit=limit)
     np.testing.assert_array_equal(host(again).view(np.uint16), host(got).view(np.uint16))
+
+
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="tensor cores (linked CUDA C++) need a real GPU")
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+@pytest.mark.parametrize("T", [3, 40])
+def test_decode_batch_on_the_tensor_cores(dtype, T, monkeypatch):
+    """NUMOE_CUDA_MMA_DECODE_FROM: a decode-sized batch runs every expert on the tensor
+    cores in 32-row tiles (no GEMV); the device layer matches the host layer and
+    repeats bit for bit."""
+    from numoe._cuda import experts as X
+    from numoe._cuda import mma, moe
+    monkeypatch.setenv("NUMOE_CUDA_MMA_DECODE_FROM", "1")
+    cfg = numoe.MoEConfig.qwen2_moe(num_experts=8, top_k=2, hidden_dim=136, expert_dim=72,
+                                    num_shared_experts=1, shared_expert_dim=24)
+    host_layer = numoe.MoELayer.random(cfg, seed=7, dtype=dtype, weight_dtype=dtype)
+    layer = host_layer.to_device()
+    x = np.random.default_rng(T).standard_normal((T, 136)).astype(dtype)
+    y = moe.forward(layer, dev(x), graph=False)
+    if X.last_path.get("gemm") != "mma":
+        pytest.skip(f"tensor-core path unavailable here: {mma.ERROR}")
+    assert "gemv16" not in X.last_path["up"] and mma.tile_rows(2 * T, 8) == 32
+    close16(y, host_layer(x), dtype)
+    again = moe.forward(layer, dev(x), graph=False)
+    np.testing.assert_array_equal(host(again).view(np.uint16), host(y).view(np.uint16))
+
+
+@needs_cuda
+@pytest.mark.skipif(SIM, reason="tensor cores (linked CUDA C++) need a real GPU")
+@pytest.mark.parametrize("dtype", NARROW, ids=str)
+@pytest.mark.parametrize("M", [65, 300])
+def test_matmul_on_the_tensor_cores(dtype, M, monkeypatch):
+    """gemm.matmul (a 16-bit layer's router at prefill): more than 64 rows of 16-bit a
+    and b run on the tensor cores, float32 or 16-bit out; odd widths keep the numba
+    kernels."""
+    from numoe._cuda import gemm, mma
+    rng = np.random.default_rng(M)
+    a = rng.standard_normal((M, 136)).astype(dtype)
+    b = (rng.standard_normal((136, 64)) / 12).astype(dtype)
+    calls = []
+    plain = mma.plain
+    monkeypatch.setattr(mma, "plain", lambda *x: calls.append(1) or plain(*x))
+    want = f64(a) @ f64(b)
+    got = gemm.matmul(dev(a), dev(b), out_dtype=np.float32)
+    if not calls or mma.ERROR is not None:
+        pytest.skip(f"tensor-core path unavailable here: {mma.ERROR}")
+    np.testing.assert_allclose(host(got), want, rtol=1e-4, atol=1e-4)
+    close16(gemm.matmul(dev(a), dev(b)), want, dtype)
+    odd = gemm.matmul(dev(a), dev(b[:, :3]), out_dtype=np.float32)     # 3 columns
+    assert len(calls) == 2
+    np.testing.assert_allclose(host(odd), want[:, :3], rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda

@@ -1,6 +1,7 @@
 """Per-kernel GPU times of numoe's device forward and routing ops (a GPU machine).
 
     python tools/gpu_profile.py [--Ts 1,16,64] [--route-T 262144] [--gemv "64,8,2048;off"]
+                                [--mma "64;128"]
 
 Every launch of one eager call is bracketed by two CUDA events and waited
 for (``numoe._cuda._launch.PROFILE``), so the table gives each kernel's GPU
@@ -9,7 +10,12 @@ without the CUDA graph (``numoe._cuda.graph``) is printed beside the sum.
 OLMoE-shaped layer (E=64 k=8 H=2048 F=1024), bfloat16 weights and x.
 ``--gemv`` first compares decode GEMV configurations (``NUMOE_CUDA_GEMV``
 "threads,loads in flight,target blocks"; "off" = the skinny kernel), each on
-a fresh device layer: graph wall time and GPU time per token count.
+a fresh device layer: graph wall time and GPU time per token count; ``--mma``
+likewise compares the tensor-core tile heights (``NUMOE_CUDA_MMA_BM``; "32/1":
+32-row tiles and every expert on the tensor cores from 1 token on,
+``NUMOE_CUDA_MMA_DECODE_FROM``) with the GPU time of the two tensor-core kernels
+and their TFLOP/s. ``--route-T 0``
+skips the routing profiles.
 """
 import argparse
 import os
@@ -26,6 +32,7 @@ import numoe  # noqa: E402
 from numoe._cuda import _arrays as A  # noqa: E402
 from numoe._cuda import _launch as L  # noqa: E402
 from numoe._cuda import dispatch as D  # noqa: E402
+from numoe._cuda import experts as X  # noqa: E402
 from numoe._cuda import moe  # noqa: E402
 from numoe._cuda import routing as R  # noqa: E402
 
@@ -66,6 +73,7 @@ def main():
     ap.add_argument("--Ts", default="1,16,64")
     ap.add_argument("--route-T", type=int, default=262144)
     ap.add_argument("--gemv", default="")
+    ap.add_argument("--mma", default="")
     a = ap.parse_args()
     cfg = numoe.MoEConfig.olmoe(num_experts=64, top_k=8, hidden_dim=2048, expert_dim=1024)
     host_layer = numoe.MoELayer.random(cfg, seed=0, dtype=BF16, weight_dtype=BF16)
@@ -91,6 +99,29 @@ def main():
             print(f"gemv {c:16s} " + " | ".join(row), flush=True)
         os.environ.pop("NUMOE_CUDA_GEMV", None)
         os.environ["NUMOE_CUDA_DECODE"] = "1"
+    if a.mma:
+        xs = {T: A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
+              for T in (int(v) for v in a.Ts.split(","))}
+        for c in a.mma.split(";"):          # "BM" or "BM/tokens": the tensor cores from
+            bm, _, frm = c.partition("/")   # that many tokens on (NUMOE_CUDA_MMA_DECODE_FROM)
+            os.environ["NUMOE_CUDA_MMA_BM"] = bm
+            if frm:
+                os.environ["NUMOE_CUDA_MMA_DECODE_FROM"] = frm
+            else:
+                os.environ.pop("NUMOE_CUDA_MMA_DECODE_FROM", None)
+            lay = host_layer.to_device()
+            for T, x in xs.items():
+                g = wall(lambda: moe.forward(lay, x), n=20)
+                L.PROFILE = {}
+                moe.forward(lay, x, graph=False)
+                prof, L.PROFILE = L.PROFILE, None
+                prof.pop("spin", None)
+                mm = sum(v[1] for k, v in prof.items() if k in ("_build.glu_kernel", "_build.plain_kernel"))
+                tflops = 2 * T * 8 * 3 * 2048 * 1024 / (mm * 1e-3) / 1e12 if mm else 0.0
+                print(f"mma {c:6s} T={T} ({X.last_path.get('up')}): wall {g:.3f} ms, GPU {sum(v[1] for v in prof.values()):.3f} ms,"
+                      f" tensor-core kernels {mm:.3f} ms ({tflops:.0f} TFLOP/s)", flush=True)
+        os.environ.pop("NUMOE_CUDA_MMA_BM", None)
+        os.environ.pop("NUMOE_CUDA_MMA_DECODE_FROM", None)
     for T in (int(v) for v in a.Ts.split(",")):
         x = A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
         gpu = profile(f"OLMoE bf16 forward T={T}", lambda: moe.forward(layer, x, graph=False))
@@ -98,6 +129,8 @@ def main():
         graphed = wall(lambda: moe.forward(layer, x))
         print(f"  wall: eager {eager:.3f} ms, graph {graphed:.3f} ms, kernels {gpu:.3f} ms")
     T = a.route_T
+    if not T:
+        return
     z = A.to_device(rng.standard_normal((T, 64)).astype(np.float32))
     profile(f"route T={T} E=64 k=8 float32", lambda: R.route(z, 8))
     r = R.route(z, 8)

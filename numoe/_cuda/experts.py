@@ -65,8 +65,11 @@ SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny
 # OLMoE T=512 (64 rows/expert) 4.1 ms vs 8.3 ms numba-only, T=4096 4.6 vs 24.3 ms; at
 # 32 rows/expert (Qwen3-MoE T=512) and below the numba kernels were faster.
 MMA_MIN_ROWS_PER_EXPERT = SKINNY_MAX_ROWS
-# With the 16-bit GEMV on and at most this many tokens, every expert goes through it.
+# With the 16-bit GEMV on and at most this many tokens, every expert goes through it,
+# or from MMA_DECODE_FROM tokens on through the tensor cores (32-row tiles) when they run
+# here (H200, 2026-12-02: OLMoE bf16 T=16 0.50 vs 0.67 ms, T=64 0.53 vs 0.86 ms).
 DECODE_MAX_ROWS = 64
+MMA_DECODE_FROM = 16
 
 
 # ----------------------------------------------------------------- configs
@@ -331,7 +334,10 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     # decode-sized batches: every expert through the GEMV (row tiles of <= 8, weights
     # re-read per tile) -- a tiled kernel on one or two 49..64-row experts has too few
     # blocks to stream its weights
-    work = _Work(off, N, "skinny" if dec and rb <= DECODE_MAX_ROWS else force)
+    mma_all = (dec and _mma_decode_from() <= rb <= DECODE_MAX_ROWS
+               and _mma_module().usable(a, wg, wu, wd))
+    work = _Work(off, N, "tiled" if mma_all else
+                 "skinny" if dec and rb <= DECODE_MAX_ROWS else force)
     dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
     didx = A.dummy(np.int64)
     g_idx = gidx if gidx is not None else didx
@@ -345,7 +351,8 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         last_path.clear()
         last_path.update(path)
         return out
-    if (narrow and not force and gemm != "numba" and N > MMA_MIN_ROWS_PER_EXPERT * E
+    if (narrow and not force and gemm != "numba"
+            and (mma_all or N > MMA_MIN_ROWS_PER_EXPERT * E)
             and _mma_module().usable(a, wg, wu, wd)
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
                          sval, work, N, F, rb)):
@@ -380,6 +387,13 @@ def _rows_bound(a, gidx, kdiv, N):
     """Host bound on any expert's rows: the tokens when rows are read through a routing
     (top-k picks an expert once per token; a larger count only costs speed), else ``N``."""
     return min(N, int(a.shape[0])) if gidx is not None and kdiv > 0 else N
+
+
+def _mma_decode_from():
+    """Tokens from which a decode-sized 16-bit batch runs every expert on the tensor
+    cores (32-row tiles, weights read once per tile) instead of the GEMV
+    (``NUMOE_CUDA_MMA_DECODE_FROM`` overrides it, for tuning)."""
+    return int(os.environ.get("NUMOE_CUDA_MMA_DECODE_FROM", MMA_DECODE_FROM))
 
 
 def _decode_ok(a, wg, wu, wd):
@@ -432,12 +446,14 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
     didx = A.dummy(np.int64)
     g_idx = gidx if gidx is not None else didx
     kd = kdiv if gidx is not None else 0
-    _ts, tb, cnt, _cs, cap_b = work.tables(_skinny_cfg()[0], mma.BM)
+    bm = mma.tile_rows(N, work.E)
+    _ts, tb, cnt, _cs, cap_b = work.tables(_skinny_cfg()[0], bm)
     if glu:
-        ok = mma.glu(a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, h, tb, cnt, cap_b)
+        ok = mma.glu(a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, h, tb, cnt, cap_b, bm)
     else:
-        ok = mma.plain(a, g_idx, kd, wg, bg, code, None, None, h, tb, cnt, cap_b)
-    if not ok or not mma.plain(h, didx, 0, wd, bd, ACT_NONE, sidx, sval, out, tb, cnt, cap_b):
+        ok = mma.plain(a, g_idx, kd, wg, bg, code, None, None, h, tb, cnt, cap_b, bm)
+    if not ok or not mma.plain(h, didx, 0, wd, bd, ACT_NONE, sidx, sval, out, tb, cnt, cap_b,
+                               bm):
         return False
     ct = A.compute_dtype(a.dtype)
     dummy = A.dummy(ct)

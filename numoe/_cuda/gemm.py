@@ -4,8 +4,9 @@ The product runs through the grouped kernels of :mod:`numoe._cuda.experts`
 as a single group (one "expert" whose weight is ``b``): the skinny kernel
 for few rows, the tiled one otherwise -- or, for at most 64 rows and a
 16-bit ``b`` (a 16-bit layer's router), the split-K GEMV of
-:mod:`numoe._cuda.decode`. Deterministic (one thread per
-output element, fixed summation order).
+:mod:`numoe._cuda.decode`; for more rows with ``a`` and ``b`` of one 16-bit
+dtype, the tensor-core tiles of :mod:`numoe._cuda.mma`. Deterministic (one
+thread per output element, fixed summation order).
 """
 from __future__ import annotations
 
@@ -75,9 +76,25 @@ def matmul(a, b, out=None, out_dtype=None):
                 work = X._Work(_range_offsets(M), M, "skinny")
                 X._decode_layer(False, a2, didx, 0, w3, None, None, None, X.ACT_NONE, 0.0,
                                 0.0, None, None, res, work, M)
-            else:
+            elif not _tensor_cores(a2, w3, res):
                 work = X._Work(_range_offsets(M), M)
                 dummy = A.dummy(A.compute_dtype(a2.dtype))
                 X.grouped_plain(a2, didx, 0, w3, dummy, False, X.ACT_NONE,
                                 0.0, didx, dummy, False, res, work)
     return A.reshape(res, lead + (N,))
+
+
+def _tensor_cores(a2, w3, res):
+    """More rows, ``a`` and ``b`` of one 16-bit dtype (a 16-bit layer's router at
+    prefill): the tensor-core tiles of :mod:`numoe._cuda.mma`. False when they cannot
+    run here (nothing launched)."""
+    from . import mma
+
+    M = a2.shape[0]
+    if res.dtype not in (np.dtype(np.float32), a2.dtype) or not mma.usable(a2, w3, None, w3):
+        return False
+    bm = mma.tile_rows(M, 1)
+    work = X._Work(_range_offsets(M), M, "tiled")
+    _ts, tb, cnt, _cs, cap_b = work.tables(X._skinny_cfg()[0], bm)
+    return mma.plain(a2, A.dummy(np.int64), 0, w3, None, X.ACT_NONE, None, None, res, tb,
+                     cnt, cap_b, bm)

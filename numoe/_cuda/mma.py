@@ -26,10 +26,25 @@ import numpy as np
 from . import _arrays as A
 from ._launch import launch
 
-BM = 64                      # rows per tile (the work list's tile height)
 BN_GLU = 64                  # output columns per block: GLU stage (gate and up each)
 BN_PLAIN = 128               # plain stage
 THREADS = 128
+STAGES = 4                   # cp.async pipeline depth (mma.cu: NUMOE_STAGES)
+
+
+def tile_rows(n_rows, n_experts):
+    """Rows per tile (the work list's tile height): 128 when the experts average at
+    least 256 rows (more reuse of each weight tile), 64 from 64 rows, else 32 (less
+    padding in each expert's last tile). ``NUMOE_CUDA_MMA_BM=32|64|128`` forces one."""
+    forced = os.environ.get("NUMOE_CUDA_MMA_BM", "")
+    if forced in ("32", "64", "128"):
+        return int(forced)
+    return 128 if n_rows >= 256 * n_experts else 64 if n_rows >= 64 * n_experts else 32
+
+
+def smem_bytes(bm):
+    """Dynamic shared memory of one block: STAGES x (A tile + weight tile), 16-bit."""
+    return STAGES * (bm * 40 + 4608) * 2
 
 #: why the tensor-core path is off (None while it is usable or untried)
 ERROR = None
@@ -55,30 +70,30 @@ def _build():
     glu_fn = cuda.declare_device(
         "numoe_mma_glu",
         types.int32(P(u16), P(i64), i64, i64, P(u16), P(u16), i64, P(f32), i64, P(f32), i64,
-                    i64, f64, f64, P(u16), P(i64), P(i64), i64, i64),
+                    i64, f64, f64, P(u16), P(i64), P(i64), i64, i64, i64),
         link=src)
     plain_fn = cuda.declare_device(
         "numoe_mma_plain",
         types.int32(P(u16), P(i64), i64, i64, P(u16), i64, P(f32), i64, i64, P(i64), P(f32),
-                    i64, P(u16), P(f32), i64, P(i64), P(i64), i64, i64),
+                    i64, P(u16), P(f32), i64, P(i64), P(i64), i64, i64, i64),
         link=src)
 
     @cuda.jit
     def glu_kernel(a, gidx, kdiv, K, w1, w2, NO, b1, use_b1, b2, use_b2, code, limit, alpha,
-                   out, tiles, tcount, which, is_bf16):
+                   out, tiles, tcount, which, is_bf16, mi):
         glu_fn(ffi.from_buffer(a), ffi.from_buffer(gidx), kdiv, K, ffi.from_buffer(w1),
                ffi.from_buffer(w2), NO, ffi.from_buffer(b1), use_b1, ffi.from_buffer(b2),
                use_b2, code, limit, alpha, ffi.from_buffer(out), ffi.from_buffer(tiles),
-               ffi.from_buffer(tcount), which, is_bf16)
+               ffi.from_buffer(tcount), which, is_bf16, mi)
 
     @cuda.jit
     def plain_kernel(a, gidx, kdiv, K, w1, NO, b1, use_b1, code, sidx, sval, use_scale, out16,
-                     out32, out_f32, tiles, tcount, which, is_bf16):
+                     out32, out_f32, tiles, tcount, which, is_bf16, mi):
         plain_fn(ffi.from_buffer(a), ffi.from_buffer(gidx), kdiv, K, ffi.from_buffer(w1), NO,
                  ffi.from_buffer(b1), use_b1, code, ffi.from_buffer(sidx),
                  ffi.from_buffer(sval), use_scale, ffi.from_buffer(out16),
                  ffi.from_buffer(out32), out_f32, ffi.from_buffer(tiles),
-                 ffi.from_buffer(tcount), which, is_bf16)
+                 ffi.from_buffer(tcount), which, is_bf16, mi)
 
     _KERNELS = (glu_kernel, plain_kernel)
     return _KERNELS
@@ -119,27 +134,30 @@ def _i64(idx):
     return idx if idx.dtype == np.int64 else A.astype(idx, np.int64)
 
 
-def glu(a, gidx, kdiv, wg, wu, bg, bu, code, limit, alpha, h, tiles, tcount, cap_b):
+def glu(a, gidx, kdiv, wg, wu, bg, bu, code, limit, alpha, h, tiles, tcount, cap_b, bm):
     """``h = glu(a_r @ wg[e] + bg, a_r @ wu[e] + bu)`` over the tiled part of the work
-    list, 16-bit ``h``. Returns False (nothing launched) if the kernels cannot be built."""
+    list (tiles of ``bm`` rows), 16-bit ``h``. Returns False (nothing launched) if the
+    kernels cannot be built."""
     kern = _kernel(0)
     if kern is None:
         return False
     f32 = A.dummy(np.float32)
     K, NO = a.shape[1], h.shape[1]
-    grid = (min(cap_b, 65535), -(-NO // BN_GLU))
-    return _try(0, kern, grid, A.reshape(A.bits(a), (a.size,)),
+    grid = (-(-NO // BN_GLU), min(cap_b, 65535))
+    return _try(0, kern, grid, bm, A.reshape(A.bits(a), (a.size,)),
            _i64(gidx), int(kdiv), int(K), A.reshape(A.bits(wg), (wg.size,)),
            A.reshape(A.bits(wu), (wu.size,)), int(NO),
            f32 if bg is None else A.reshape(bg, (bg.size,)), int(bg is not None),
            f32 if bu is None else A.reshape(bu, (bu.size,)), int(bu is not None),
            int(code), float(limit), float(alpha), A.reshape(A.bits(h), (h.size,)),
-           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16))
+           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16),
+           bm // 32)
 
 
-def plain(a, gidx, kdiv, w, b, code, sidx, sval, out, tiles, tcount, cap_b):
+def plain(a, gidx, kdiv, w, b, code, sidx, sval, out, tiles, tcount, cap_b, bm):
     """``out = act(a_r @ w[e] + b) * sval[sidx[r]]`` over the tiled part of the work list
-    (``out`` 16-bit like ``a``, or float32). Returns False if the kernels cannot be built."""
+    (tiles of ``bm`` rows; ``out`` 16-bit like ``a``, or float32). Returns False if the
+    kernels cannot be built."""
     kern = _kernel(1)
     if kern is None:
         return False
@@ -147,26 +165,30 @@ def plain(a, gidx, kdiv, w, b, code, sidx, sval, out, tiles, tcount, cap_b):
     i64 = A.dummy(np.int64)
     K, NO = a.shape[1], out.shape[1]
     out_f32 = out.dtype == np.float32
-    grid = (min(cap_b, 65535), -(-NO // BN_PLAIN))
-    return _try(1, kern, grid, A.reshape(A.bits(a), (a.size,)),
+    grid = (-(-NO // BN_PLAIN), min(cap_b, 65535))
+    return _try(1, kern, grid, bm, A.reshape(A.bits(a), (a.size,)),
            _i64(gidx), int(kdiv), int(K), A.reshape(A.bits(w), (w.size,)), int(NO),
            f32 if b is None else A.reshape(b, (b.size,)), int(b is not None), int(code),
            i64 if sidx is None else _i64(sidx), f32 if sval is None else sval,
            int(sidx is not None),
            A.dummy(np.uint16) if out_f32 else A.reshape(A.bits(out), (out.size,)),
            A.reshape(out, (out.size,)) if out_f32 else f32, int(out_f32),
-           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16))
+           A.reshape(tiles, (tiles.size,)), tcount, 1, int(a.dtype == A.BFLOAT16),
+           bm // 32)
 
 
 _COMPILED = [False, False]
 
 
-def _try(i, kern, grid, *args):
-    """Launch; the first launch of each kernel compiles and links it, and a failure
-    there turns the path off (returns False: the caller runs the numba kernels)."""
+def _try(i, kern, grid, bm, *args):
+    """Launch; the first launch of each kernel compiles and links it (and raises its
+    dynamic shared memory limit), and a failure there turns the path off (returns
+    False: the caller runs the numba kernels)."""
     global ERROR
     try:
-        launch(kern, grid, THREADS, 0, *args)
+        if not _COMPILED[i]:
+            _allow_smem(kern, args)
+        launch(kern, grid, THREADS, smem_bytes(bm), *args)
     except Exception as exc:  # noqa: BLE001 - NVRTC or the linker refused the C++
         if _COMPILED[i]:
             raise
@@ -174,6 +196,24 @@ def _try(i, kern, grid, *args):
         return False
     _COMPILED[i] = True
     return True
+
+
+def _allow_smem(kern, args):
+    """Compile ``kern`` for these arguments and let it use ``smem_bytes(128)`` of dynamic
+    shared memory (the default limit is 48 KB). The argument types never change: every
+    array is a 1-D C-contiguous view and every scalar a Python int or float."""
+    from cuda.bindings import driver
+
+    argtypes = tuple(kern.typeof_pyval(a) for a in args)
+    cufunc = kern.compile(argtypes)._codelibrary.get_cufunc()
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    try:                     # numba-cuda on cuda.core: the handle is a CUkernel
+        err, = driver.cuKernelSetAttribute(attr, smem_bytes(128), cufunc.handle,
+                                           cufunc.device.id)
+    except TypeError:        # older numba-cuda: a CUfunction
+        err, = driver.cuFuncSetAttribute(cufunc.handle, attr, smem_bytes(128))
+    if int(err) != 0:
+        raise RuntimeError(f"cannot raise the dynamic shared memory limit: {err}")
 
 
 def _kernel(i):
