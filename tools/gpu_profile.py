@@ -1,7 +1,7 @@
 """Per-kernel GPU times of numoe's device forward and routing ops (a GPU machine).
 
     python tools/gpu_profile.py [--Ts 1,16,64] [--route-T 262144] [--gemv "64,8,2048;off"]
-                                [--mma "64;128"]
+                                [--mma "32;64"] [--host 1,4096]
 
 Every launch of one eager call is bracketed by two CUDA events and waited
 for (``numoe._cuda._launch.PROFILE``), so the table gives each kernel's GPU
@@ -14,7 +14,8 @@ a fresh device layer: graph wall time and GPU time per token count; ``--mma``
 likewise compares the tensor-core tile heights (``NUMOE_CUDA_MMA_BM``; "32/1":
 32-row tiles and every expert on the tensor cores from 1 token on,
 ``NUMOE_CUDA_MMA_DECODE_FROM``) with the GPU time of the two tensor-core kernels
-and their TFLOP/s. ``--route-T 0``
+and their TFLOP/s. ``--host``
+profiles the host side of the eager forward (cProfile); ``--route-T 0``
 skips the routing profiles.
 """
 import argparse
@@ -68,12 +69,35 @@ def profile(label, fn):
     return total
 
 
+def host_profile(layer, x, T, n=20):
+    """Where the host time of the eager forward goes: cProfile over ``n`` calls."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        moe.forward(layer, x, graph=False)
+    cuda.synchronize()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    for _ in range(n):
+        moe.forward(layer, x, graph=False)
+    cuda.synchronize()
+    pr.disable()
+    print(f"\n== host profile, eager forward T={T}: {1e3 * (time.perf_counter() - t0) / n:.3f}"
+          f" ms per call (profiled), launches {L.stats()}")
+    st = pstats.Stats(pr)
+    st.sort_stats("tottime").print_stats(18)
+    st.sort_stats("cumulative").print_stats(25)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--Ts", default="1,16,64")
     ap.add_argument("--route-T", type=int, default=262144)
     ap.add_argument("--gemv", default="")
     ap.add_argument("--mma", default="")
+    ap.add_argument("--host", default="", help="token counts: cProfile the eager forward")
     a = ap.parse_args()
     cfg = numoe.MoEConfig.olmoe(num_experts=64, top_k=8, hidden_dim=2048, expert_dim=1024)
     host_layer = numoe.MoELayer.random(cfg, seed=0, dtype=BF16, weight_dtype=BF16)
@@ -99,6 +123,8 @@ def main():
             print(f"gemv {c:16s} " + " | ".join(row), flush=True)
         os.environ.pop("NUMOE_CUDA_GEMV", None)
         os.environ["NUMOE_CUDA_DECODE"] = "1"
+    for T in (int(v) for v in a.host.split(",") if v):
+        host_profile(layer, A.to_device(rng.standard_normal((T, 2048)).astype(BF16)), T)
     if a.mma:
         xs = {T: A.to_device(rng.standard_normal((T, 2048)).astype(BF16))
               for T in (int(v) for v in a.Ts.split(","))}

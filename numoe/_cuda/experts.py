@@ -67,9 +67,10 @@ SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny
 MMA_MIN_ROWS_PER_EXPERT = SKINNY_MAX_ROWS
 # With the 16-bit GEMV on and at most this many tokens, every expert goes through it,
 # or from MMA_DECODE_FROM tokens on through the tensor cores (32-row tiles) when they run
-# here (H200, 2026-12-02: OLMoE bf16 T=16 0.50 vs 0.67 ms, T=64 0.53 vs 0.86 ms).
+# here: faster at every T measured (H200, 2026-12-02, OLMoE bf16 graph wall, T = 1, 4,
+# 8, 16, 64: 0.225, 0.313, 0.467, 0.442, 0.471 ms vs 0.254, 0.448, 0.487, 0.612, 0.751).
 DECODE_MAX_ROWS = 64
-MMA_DECODE_FROM = 16
+MMA_DECODE_FROM = 1
 
 
 # ----------------------------------------------------------------- configs

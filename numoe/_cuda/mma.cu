@@ -10,7 +10,7 @@
 // side checks that and otherwise keeps the numba kernels.
 //
 // A block (128 threads, 2 x 2 warps) owns a BM x BN output tile of one expert
-// (BM = 32, 64 or 128 rows; each warp BM / 2 rows and half the columns):
+// (BM = 32 or 64 rows; each warp BM / 2 rows and half the columns):
 //   GLU  (gate and up, BN = 64 columns of each): h = act(A Wg + bg) * (A Wu + bu)
 //   plain (BN = 128): out = act(A W + b) * scale[row]     (code < 0: no act)
 // The (expert, first row, end row) tiles come from a device table; A rows are
@@ -27,8 +27,8 @@ typedef long long i64;
 #define NUMOE_B_ELEMS 4608                   // >= 2 * 32 * 72 (GLU) and 32 * 136 (plain)
 
 // The stages live in dynamic shared memory: (BM * LDA + B_ELEMS) * STAGES u16 =
-// 47,104 / 57,344 / 77,824 bytes for 32- / 64- / 128-row tiles (mma.py raises the
-// kernels' dynamic shared memory limit above the default 48 KB).
+// 47,104 / 57,344 bytes for 32- / 64-row tiles (mma.py raises the kernels' dynamic
+// shared memory limit above the default 48 KB).
 extern __shared__ __align__(16) u16 numoe_mma_smem[];
 
 __device__ __forceinline__ u32 numoe_saddr(const void* p) {
@@ -113,7 +113,7 @@ __device__ __forceinline__ float numoe_glu(float g, float u, i64 code, float lim
 }
 
 // One tile loop. GLU: NW = 2 weights, BN = 64; plain: NW = 1, BN = 128. MI m16 tiles
-// per warp row: BM = 32 * MI rows per tile (32, 64 or 128). blockIdx.x picks the output
+// per warp row: BM = 32 * MI rows per tile (32 or 64). blockIdx.x picks the output
 // columns and blockIdx.y strides over the row tiles, so the blocks running together
 // share one expert's A rows and weights in L2.
 template <bool GLU, bool BF, int MI>
@@ -133,7 +133,7 @@ __device__ __noinline__ void numoe_mma_body(const u16* a, const i64* gidx, i64 k
     constexpr int BCH = BN / 8;           // 16-byte chunks per weight row
     constexpr int A_ELEMS = BM * NUMOE_LDA;
     constexpr int STAGE = A_ELEMS + NUMOE_B_ELEMS;
-    constexpr int ACH = BM * NUMOE_BK / 8 / 128;       // A chunks per thread (1, 2 or 4)
+    constexpr int ACH = BM * NUMOE_BK / 8 / 128;       // A chunks per thread (1 or 2)
     constexpr int BCHT = NW * NUMOE_BK * BCH / 128;    // weight chunks per thread (4)
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -295,7 +295,7 @@ __device__ __noinline__ void numoe_mma_body(const u16* a, const i64* gidx, i64 k
     }
 }
 
-// The two entry points: bfloat16 or float16, tiles of 32 * mi rows (mi = 1, 2 or 4).
+// The two entry points: bfloat16 or float16, tiles of 32 * mi rows (mi = 1 or 2).
 extern "C" __device__ int numoe_mma_glu(int* ret, const u16* a, const i64* gidx, i64 kdiv,
                                         i64 K, const u16* w1, const u16* w2, i64 NO,
                                         const float* b1, i64 use_b1, const float* b2,
@@ -307,12 +307,10 @@ extern "C" __device__ int numoe_mma_glu(int* ret, const u16* a, const i64* gidx,
                                  (float)limit, (float)alpha, (const i64*)0, (const float*)0, \
                                  0, out, (float*)0, 0, tiles, tcount, which)
     if (is_bf16) {
-        if (mi == 4) NUMOE_GLU(true, 4);
-        else if (mi == 2) NUMOE_GLU(true, 2);
+        if (mi == 2) NUMOE_GLU(true, 2);
         else NUMOE_GLU(true, 1);
     } else {
-        if (mi == 4) NUMOE_GLU(false, 4);
-        else if (mi == 2) NUMOE_GLU(false, 2);
+        if (mi == 2) NUMOE_GLU(false, 2);
         else NUMOE_GLU(false, 1);
     }
 #undef NUMOE_GLU
@@ -332,12 +330,10 @@ extern "C" __device__ int numoe_mma_plain(int* ret, const u16* a, const i64* gid
                                   0.0f, 1.0f, sidx, sval, use_scale, out16, out32, out_f32,  \
                                   tiles, tcount, which)
     if (is_bf16) {
-        if (mi == 4) NUMOE_PLAIN(true, 4);
-        else if (mi == 2) NUMOE_PLAIN(true, 2);
+        if (mi == 2) NUMOE_PLAIN(true, 2);
         else NUMOE_PLAIN(true, 1);
     } else {
-        if (mi == 4) NUMOE_PLAIN(false, 4);
-        else if (mi == 2) NUMOE_PLAIN(false, 2);
+        if (mi == 2) NUMOE_PLAIN(false, 2);
         else NUMOE_PLAIN(false, 1);
     }
 #undef NUMOE_PLAIN
