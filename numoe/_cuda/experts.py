@@ -332,9 +332,10 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     kd = kdiv if gidx is not None else 0
     rb = _rows_bound(a, gidx, kd, N)
     dec = gemm != "numba" and not force and _decode_ok(a, wg, wu, wd)
-    # decode-sized batches: every expert through the GEMV (row tiles of <= 8, weights
-    # re-read per tile) -- a tiled kernel on one or two 49..64-row experts has too few
-    # blocks to stream its weights
+    # decode-sized batches: every expert on the tensor cores (32-row tiles, each weight
+    # tile read once) where they run, else through the GEMV (row tiles of <= 8, weights
+    # re-read per tile) -- the numba tiled kernel on one or two 49..64-row experts has
+    # too few blocks to stream its weights
     mma_all = (dec and _mma_decode_from() <= rb <= DECODE_MAX_ROWS
                and _mma_module().usable(a, wg, wu, wd))
     work = _Work(off, N, "tiled" if mma_all else

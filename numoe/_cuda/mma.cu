@@ -115,15 +115,14 @@ __device__ __forceinline__ float numoe_glu(float g, float u, i64 code, float lim
 // One tile loop. GLU: NW = 2 weights, BN = 64; plain: NW = 1, BN = 128. MI m16 tiles
 // per warp row: BM = 32 * MI rows per tile (32 or 64). blockIdx.x picks the output
 // columns and blockIdx.y strides over the row tiles, so the blocks running together
-// share one expert's A rows and weights in L2.
+// share one expert's A rows and weights in L2. Not inlined: each instantiation gets
+// its own register allocation (inlined into one entry point, ptxas spilled in loops).
 template <bool GLU, bool BF, int MI>
-__device__ __noinline__ void numoe_mma_body(const u16* a, const i64* gidx, i64 kdiv, i64 K,
-                               const u16* w1, const u16* w2, i64 NO,
-                               const float* b1, i64 use_b1, const float* b2, i64 use_b2,
-                               i64 code, float limit, float alpha,
-                               const i64* sidx, const float* sval, i64 use_scale,
-                               u16* out16, float* out32, i64 out_f32,
-                               const i64* tiles, const i64* tcount, i64 which) {
+__device__ __noinline__ void numoe_mma_body(
+        const u16* a, const i64* gidx, i64 kdiv, i64 K, const u16* w1, const u16* w2, i64 NO,
+        const float* b1, i64 use_b1, const float* b2, i64 use_b2, i64 code, float limit,
+        float alpha, const i64* sidx, const float* sval, i64 use_scale, u16* out16,
+        float* out32, i64 out_f32, const i64* tiles, const i64* tcount, i64 which) {
     constexpr int NW = GLU ? 2 : 1;
     constexpr int BM = 32 * MI;
     constexpr int BN = GLU ? 64 : 128;

@@ -124,8 +124,9 @@ def route_async(logits, k, *, score="softmax", renormalize=True, bias=None, n_gr
         bs, staged = _tile(E, z.dtype.itemsize)
         general = b is not None or opt.grouped
         if staged and not general:      # the common case: top-k of the logits
-            launch(_plain_kernel(str(z.dtype), k, E, bs), A.grid(T, bs, 16), bs, 0, z,
-                   opt.sigmoid, opt.renormalize, opt.scale, weights, experts, res)
+            launch(_plain_kernel(str(z.dtype), k, E, bs), A.grid(T, bs, 16), bs,
+                   bs * (E + 1) * z.dtype.itemsize, z, opt.sigmoid, opt.renormalize,
+                   opt.scale, weights, experts, res)
             weights = A.astype(weights, out_dtype)
             return Routing(A.reshape(weights, lead + (k,)),
                            A.reshape(experts, lead + (k,))), res
@@ -258,14 +259,15 @@ def _plain_kernel(dtype, K, E, BS):
     weights as in :func:`_route_kernel` (:func:`_write_top_weights`)."""
     sm_t = float32 if dtype == "float32" else float64
     ld = E + 1
-    NSM = BS * ld
     NB = 8
 
     @cuda.jit
     def kern(z, sigm, renorm, scale, weights, experts, res):
         T = z.shape[0]
         tid = cuda.threadIdx.x
-        sm = cuda.shared.array(NSM, sm_t)
+        # BS * (E + 1) staged entries in dynamic shared memory (the simulator allocates a
+        # static shared array on the first thread's call without a lock: a race)
+        sm = cuda.shared.array(0, sm_t)
         tv = cuda.local.array(K, sm_t)
         ti = cuda.local.array(K, int32)
         w = cuda.local.array(K, float64)
