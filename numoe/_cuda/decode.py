@@ -1,5 +1,9 @@
 """Decode-time grouped GEMV for 16-bit expert weights (few rows per expert).
 
+Used where the tensor-core tiles (:mod:`numoe._cuda.mma`) cannot run: no linked C++
+on this card or install, widths not multiples of 8, float32 activations with 16-bit
+weights (and a 16-bit router's product at decode).
+
 Memory-bound: the cost is reading each touched expert's weights, so a block
 owns one row tile of one expert (at most ``BMS`` rows, staged in shared
 memory as float32), ``4 * NT`` output columns and one ``KS``-long slice of

@@ -33,8 +33,10 @@ are widened in registers by :mod:`numoe._cuda._narrow` (each kernel is
 compiled per storage kind), accumulation is float32, results are narrowed
 once on store; bfloat16/float16 weights may serve float32 activations.
 When activations and weights share one 16-bit dtype, experts with more than
-``SKINNY_MAX_ROWS`` rows run on the tensor cores (:mod:`numoe._cuda.mma`,
-``mma.sync`` from linked CUDA C++), with these numba kernels as the fallback.
+``SKINNY_MAX_ROWS`` rows -- and every expert of a batch of at most
+``DECODE_MAX_ROWS`` tokens -- run on the tensor cores (:mod:`numoe._cuda.mma`,
+``mma.sync`` from linked CUDA C++), with these numba kernels and the 16-bit GEMV
+(:mod:`numoe._cuda.decode`) as the fallback.
 
 When CuPy is installed, float32/float64 experts with more than
 ``SKINNY_MAX_ROWS`` rows go to cuBLAS through CuPy by default (measured faster on an H200: 15.1 vs

@@ -24,9 +24,9 @@ What the graph relies on, and how it is kept:
 
 Used for layers without a capacity (their forward has no host read-back)
 and ``x`` with at most :data:`MAX_TOKENS` tokens, C-contiguous; the
-numba GEMM kernels only (no cuBLAS; the split-K decode GEMV of
-:mod:`numoe._cuda.decode` for 16-bit weights unless ``NUMOE_CUDA_DECODE=0``). ``NUMOE_CUDA_GRAPH=0``
-turns it off.
+numba GEMM kernels and the tensor-core tiles only (no cuBLAS; 16-bit weights:
+:mod:`numoe._cuda.mma`, or the split-K GEMV of :mod:`numoe._cuda.decode` where the
+tensor cores cannot run). ``NUMOE_CUDA_GRAPH=0`` turns it off.
 """
 from __future__ import annotations
 
