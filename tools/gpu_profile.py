@@ -69,6 +69,17 @@ def profile(label, fn):
     return total
 
 
+def kernel_times(layer, x):
+    """{kernel name: [launches, GPU ms]} of one eager forward (no printing)."""
+    L.PROFILE = {}
+    try:
+        moe.forward(layer, x, graph=False)
+    finally:
+        prof, L.PROFILE = L.PROFILE, None
+    prof.pop("spin", None)
+    return prof
+
+
 def host_profile(layer, x, T, n=20):
     """Where the host time of the eager forward goes: cProfile over ``n`` calls."""
     import cProfile
@@ -115,10 +126,7 @@ def main():
             row = []
             for T, x in xs.items():
                 g = wall(lambda: moe.forward(lay, x), n=30)
-                L.PROFILE = {}
-                moe.forward(lay, x, graph=False)
-                prof, L.PROFILE = L.PROFILE, None
-                prof.pop("spin", None)
+                prof = kernel_times(lay, x)
                 row.append(f"T={T}: graph {g:.3f} ms, GPU {sum(v[1] for v in prof.values()):.3f}")
             print(f"gemv {c:16s} " + " | ".join(row), flush=True)
         os.environ.pop("NUMOE_CUDA_GEMV", None)
@@ -138,14 +146,13 @@ def main():
             lay = host_layer.to_device()
             for T, x in xs.items():
                 g = wall(lambda: moe.forward(lay, x), n=20)
-                L.PROFILE = {}
-                moe.forward(lay, x, graph=False)
-                prof, L.PROFILE = L.PROFILE, None
-                prof.pop("spin", None)
-                mm = sum(v[1] for k, v in prof.items() if k in ("_build.glu_kernel", "_build.plain_kernel"))
+                prof = kernel_times(lay, x)
+                mm = sum(v[1] for k, v in prof.items()
+                         if k in ("_build.glu_kernel", "_build.plain_kernel"))
                 tflops = 2 * T * 8 * 3 * 2048 * 1024 / (mm * 1e-3) / 1e12 if mm else 0.0
-                print(f"mma {c:6s} T={T} ({X.last_path.get('up')}): wall {g:.3f} ms, GPU {sum(v[1] for v in prof.values()):.3f} ms,"
-                      f" tensor-core kernels {mm:.3f} ms ({tflops:.0f} TFLOP/s)", flush=True)
+                print(f"mma {c:6s} T={T} ({X.last_path.get('up')}): wall {g:.3f} ms, "
+                      f"GPU {sum(v[1] for v in prof.values()):.3f} ms, tensor-core kernels "
+                      f"{mm:.3f} ms ({tflops:.0f} TFLOP/s)", flush=True)
         os.environ.pop("NUMOE_CUDA_MMA_BM", None)
         os.environ.pop("NUMOE_CUDA_MMA_DECODE_FROM", None)
     for T in (int(v) for v in a.Ts.split(",")):
