@@ -356,8 +356,8 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         last_path.update(path)
         return out
     if (narrow and not force and gemm != "numba"
-            and (mma_all or N > MMA_MIN_ROWS_PER_EXPERT * E)
-            and _mma_module().usable(a, wg, wu, wd)
+            and (mma_all or (N > MMA_MIN_ROWS_PER_EXPERT * E
+                              and _mma_module().usable(a, wg, wu, wd)))
             and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
                          sval, work, N, F, rb)):
         return out

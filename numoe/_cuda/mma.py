@@ -30,6 +30,8 @@ BN_GLU = 64                  # output columns per block: GLU stage (gate and up 
 BN_PLAIN = 128               # plain stage
 THREADS = 128
 STAGES = 4                   # cp.async pipeline depth (mma.cu: NUMOE_STAGES)
+LDA = 40                     # u16 per staged A row (mma.cu: NUMOE_LDA)
+B_ELEMS = 4608               # u16 of one stage's weight tile (mma.cu: NUMOE_B_ELEMS)
 
 
 def tile_rows(n_rows, n_experts):
@@ -45,7 +47,7 @@ def tile_rows(n_rows, n_experts):
 
 def smem_bytes(bm):
     """Dynamic shared memory of one block: STAGES x (A tile + weight tile), 16-bit."""
-    return STAGES * (bm * 40 + 4608) * 2
+    return STAGES * (bm * LDA + B_ELEMS) * 2
 
 #: why the tensor-core path is off (None while it is usable or untried)
 ERROR = None
