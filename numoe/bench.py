@@ -1124,9 +1124,9 @@ def legend(rows, suite):
     if suite == "layers":
         tols = ", ".join(f"{d} {t:g}" for d, t in TOLERANCE.items())
         blas = r0.get("blas_gflops")
-        blas = "" if blas is None else (
-            f": {blas:.1f} GFLOP/s (before {r0['blas_gflops_before']:.1f}, after "
-            f"{r0['blas_gflops_after']:.1f})")
+        before, after = r0.get("blas_gflops_before"), r0.get("blas_gflops_after")
+        blas = "" if blas is None else f": {blas:.1f} GFLOP/s" + (
+            "" if before is None else f" (before {before:.1f}, after {after:.1f})")
         return [
             "ms: median time per call [min-max over the timed samples] (short calls are "
             "batched so each sample lasts >= 1 ms).",

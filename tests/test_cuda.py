@@ -286,6 +286,53 @@ def test_expert_ffn_matches_reference(dtype, glu, act, bias, limit):
         close(out, want, dtype)
 
 
+def _tiles_serial(off, max_small, bm_small, bm_big):
+    small, big = [], []
+    for e in range(len(off) - 1):
+        lo, hi = int(off[e]), int(off[e + 1])
+        if hi <= lo:
+            continue
+        table, bm = (small, bm_small) if hi - lo <= max_small else (big, bm_big)
+        table += [(e, r, min(hi, r + bm)) for r in range(lo, hi, bm)]
+    return small, big
+
+
+@needs_cuda
+@pytest.mark.parametrize("E,force", [(1, None), (5, None), (21, None), (21, "tiled"),
+                                     (300, None)])
+def test_tile_tables_match_a_serial_walk(E, force):
+    # the one-block table kernel: experts more than a block's threads (21 > the
+    # simulator's 8; 300 > 256 on a GPU), empty experts, both kinds of tile
+    from numoe._cuda import experts as X
+    rng = np.random.default_rng(E)
+    counts = rng.integers(0, 100, E) * (rng.random(E) < 0.8)     # max_small is 48
+    counts[0] = 90
+    counts[-1] = 10 if E > 1 else 90
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    work = X._Work(dev(off), int(off[-1]), force)
+    ts, tb, cnt, cap_s, cap_b = work.tables(4, 16)
+    small, big = _tiles_serial(off, work.max_small, 4, 16)
+    assert big and (small or force == "tiled" or E == 1)
+    n = host(cnt)
+    assert (n[0], n[1]) == (len(small), len(big))
+    assert len(small) <= cap_s and len(big) <= cap_b
+    assert [tuple(r) for r in host(ts)[:n[0]]] == small
+    assert [tuple(r) for r in host(tb)[:n[1]]] == big
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,bm", [(1, 32), (64, 64), (65, 32), (300, 64)])
+def test_router_tile_table_matches_the_device_table(M, bm):
+    # the router's product at prefill takes a host-built, cached table
+    from numoe._cuda import experts as X, gemm
+    tb, cnt = gemm._row_tiles(M, bm)
+    _ts, tb_d, cnt_d, _cs, cap_b = X._Work(dev(np.array([0, M])), M, "tiled").tables(4, bm)
+    n = host(cnt_d)[1]
+    assert host(cnt)[1] == n == -(-M // bm) and tb.shape[0] <= cap_b
+    np.testing.assert_array_equal(host(tb)[:n], host(tb_d)[:n])
+    assert gemm._row_tiles(M, bm)[0] is tb
+
+
 @needs_cuda
 def test_expert_ffn_argument_errors():
     d = dev
@@ -816,6 +863,38 @@ def test_decode_graph_replays_the_eager_forward(dtype, wdtype, preset, kw):
 
 
 @needs_cuda
+@pytest.mark.skipif(SIM, reason="CUDA graphs need a real GPU")
+def test_prefill_graphs_share_one_arena(monkeypatch):
+    """16-bit layers replay prefill-sized calls too, every graph's scratch carved from
+    one shared arena: two layers' graphs interleaved, a capture that outgrows the arena
+    (recaptured in a larger one) and the graphs captured before it stay bit-identical
+    to the eager forward."""
+    from numoe._cuda import graph, moe
+    monkeypatch.setattr(graph, "_ARENA", [None])                 # a fresh, 1 MiB arena
+    cfg = numoe.MoEConfig.olmoe(num_experts=8, top_k=2, hidden_dim=64, expert_dim=48)
+    layers = [numoe.MoELayer.random(cfg, seed=s, dtype=BF16, weight_dtype=BF16).to_device()
+              for s in (1, 2)]
+    rng = np.random.default_rng(5)
+    bits = lambda a: host(a).view(np.uint16)  # noqa: E731
+    xs = [dev(rng.standard_normal((T, 64)).astype(BF16)) for T in (3, 100, 2000)]
+
+    def check_all():
+        for x in xs:
+            for lay in layers:
+                np.testing.assert_array_equal(bits(lay(x)),
+                                              bits(moe.forward(lay, x, graph=False)))
+
+    check_all()
+    check_all()                       # second calls: captured (the 2000-token one grows)
+    check_all()
+    for lay in layers:
+        gs = {k[0][0]: v for k, v in lay._graphs.items() if isinstance(v, graph._Graph)}
+        assert sorted(gs) == [3, 100, 2000], graph.FAILURES
+        assert gs[3].keep[0] is not gs[2000].keep[0]          # captured before the growth
+    assert graph._ARENA[0].size > 1 << 20
+
+
+@needs_cuda
 def test_decode_graph_cache_states(monkeypatch):
     """The graph cache of numoe._cuda.graph without a GPU (capture faked): eager on a
     shape's first call, captured on its second, replayed after; a failed capture
@@ -858,6 +937,19 @@ def test_decode_graph_cache_states(monkeypatch):
         seed=3).to_device()
     assert graph.forward(cap, x) is None and graph.forward(cap, x) is None
     assert (65, 16) not in captured and len(captured) == 3
+    # 16-bit expert weights: prefill sizes too (the tensor-core forward), up to
+    # MAX_TOKENS_16 tokens and MAX_GRAPHS shapes per layer
+    l16 = numoe.MoELayer.random(cfg, seed=3, dtype=BF16, weight_dtype=BF16).to_device()
+    x65 = dev(np.ones((65, 16), BF16))
+    assert graph.forward(l16, x65) is None and graph.forward(l16, x65) == ("replay", (65, 16))
+    over = dev(np.ones((graph.MAX_TOKENS_16 + 1, 16), BF16))
+    assert graph.forward(l16, over) is None and graph.forward(l16, over) is None
+    monkeypatch.setattr(graph, "MAX_GRAPHS", 2)
+    x2 = dev(np.ones((2, 16), BF16))
+    assert graph.forward(l16, x2) is None and graph.forward(l16, x2) == ("replay", (2, 16))
+    x4 = dev(np.ones((4, 16), BF16))                                  # a third shape: eager
+    assert graph.forward(l16, x4) is None and graph.forward(l16, x4) is None
+    assert (4, 16) not in captured and (graph.MAX_TOKENS_16 + 1, 16) not in captured
 
 
 @needs_cuda

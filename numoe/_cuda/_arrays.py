@@ -109,7 +109,27 @@ def to_host(a):
 
 def bits(a):
     """A 16-bit float device array as its ``uint16`` view (what kernels take); others as is."""
-    return a.view(np.uint16) if a.dtype in NARROW else a
+    if a.dtype not in NARROW:
+        return a
+    if SIM:
+        return a.view(np.uint16)
+    return _array(tuple(a.shape), tuple(a.strides), _U16, a.gpu_data)
+
+
+_U16 = np.dtype(np.uint16)
+_DNA = None
+
+
+def _array(shape, strides, dtype, gpu_data):
+    """A numba device array over ``gpu_data`` (real GPU only). Views and reshapes are
+    built here directly: numba's own ``view``/``reshape`` cost several microseconds
+    more per call, and a forward pass makes dozens of them."""
+    global _DNA
+    if _DNA is None:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        _DNA = DeviceNDArray
+    return _DNA(shape, strides, dtype, gpu_data=gpu_data)
 
 
 def compute_dtype(dtype):
@@ -179,10 +199,12 @@ def empty(shape, dtype):
     """An uninitialised C-contiguous device array."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
-    if dtype in NARROW and not SIM:      # numba cannot allocate dtypes it does not know
-        return empty(shape, np.uint16).view(dtype)
     if KEEP is None:
         return _alloc(shape, dtype)
+    if ARENA is not None:
+        out = ARENA.take(shape, dtype)
+        if out is not None:
+            return out
     # a CUDA graph is being captured (numoe._cuda.graph): the graph keeps this memory,
     # and a new block may need cudaMalloc, which the capture's global mode refuses
     # unless this thread switches to the relaxed mode for the call (as PyTorch does)
@@ -199,16 +221,38 @@ def empty(shape, dtype):
 
 
 # While numoe._cuda.graph captures a forward, every array allocated by empty() is
-# appended to this list, which the graph keeps: its replays write that memory.
+# carved from its shared arena (ARENA) or, past the arena's end, appended to this
+# list, which the graph keeps: its replays write that memory.
 KEEP = None
+ARENA = None
 
 
 def _alloc(shape, dtype):
-    if SIM or _ALLOC != "cupy" or 0 in shape or _cupy_module() is None:
+    if SIM or _ALLOC == "numba" or 0 in shape or _cupy_module() is None:
+        if dtype in NARROW and not SIM:  # numba cannot allocate dtypes it does not know
+            return cuda.device_array(shape, dtype=np.uint16).view(dtype)
         return cuda.device_array(shape, dtype=dtype)
-    arr = _cupy.empty(shape, dtype=dtype)
-    desc = arr.__cuda_array_interface__
-    return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
+    if _ALLOC == "cupy-cai":
+        if dtype in NARROW:
+            return _alloc(shape, np.dtype(np.uint16)).view(dtype)
+        arr = _cupy.empty(shape, dtype=dtype)
+        desc = arr.__cuda_array_interface__
+        return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
+    # a block of CuPy's pool wrapped directly: from_cuda_array_interface would build
+    # the interface dict, look the context up and wrap CuPy's stream on every call
+    from numba.cuda.cudadrv import driver
+
+    nbytes = dtype.itemsize * math.prod(shape)
+    mem = _cupy.cuda.alloc(nbytes)
+    ctx = _CONTEXTS.get(mem.device_id)
+    if ctx is None:
+        ctx = _CONTEXTS[mem.device_id] = cuda.current_context()
+    data = driver.MemoryPointer(ctx, driver.binding.CUdeviceptr(mem.ptr), size=nbytes,
+                                owner=mem)
+    return _array(shape, _c_strides(shape, dtype.itemsize), dtype, data)
+
+
+_CONTEXTS: dict = {}         # CuPy device id -> numba's context of that device
 
 
 _DUMMIES: dict = {}
@@ -249,10 +293,8 @@ def contiguous(a):
     if a.is_c_contiguous():
         return a
     if not SIM and a.size and _c_memory(a):      # only size-1 dims have odd strides
-        from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-        return DeviceNDArray(tuple(a.shape), _c_strides(tuple(a.shape), a.dtype.itemsize),
-                             a.dtype, gpu_data=a.gpu_data)
+        return _array(tuple(a.shape), _c_strides(tuple(a.shape), a.dtype.itemsize), a.dtype,
+                      a.gpu_data)
     if a.size == 0:
         return empty(a.shape, a.dtype)
     return _copy_strided(a, a.dtype)
@@ -290,10 +332,7 @@ def _bits_view(a):
     """A strided 16-bit array as a strided ``uint16`` view (same memory)."""
     if SIM:
         return a.view(np.uint16)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-    return DeviceNDArray(tuple(a.shape), tuple(a.strides), np.uint16, stream=a.stream,
-                         gpu_data=a.gpu_data)
+    return _array(tuple(a.shape), tuple(a.strides), _U16, a.gpu_data)
 
 
 def _convert_narrow(a, out, ks, kd):
@@ -348,10 +387,8 @@ def _view4(a, shp):
         return a.reshape(*shp)
     if SIM:
         return a.reshape(shp) if a.is_c_contiguous() else _sim_view(a, shp)
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
     strides = (0,) * (4 - a.ndim) + tuple(a.strides)
-    return DeviceNDArray(shp, strides, a.dtype, stream=a.stream, gpu_data=a.gpu_data)
+    return _array(shp, strides, a.dtype, a.gpu_data)
 
 
 def _sim_view(a, shp):
@@ -424,15 +461,14 @@ def reshape(a, shape):
     shape = tuple(int(s) for s in shape)
     if a.size == 0:
         return empty(shape, a.dtype)
+    if not SIM and math.prod(shape) == a.size and a.is_c_contiguous():
+        return _array(shape, _c_strides(shape, a.dtype.itemsize), a.dtype, a.gpu_data)
     try:
         return a.reshape(*shape) if len(shape) != 1 else a.reshape(shape[0])
     except NotImplementedError:
         if SIM or not _c_memory(a):
             raise
-        from numba.cuda.cudadrv.devicearray import DeviceNDArray
-
-        return DeviceNDArray(shape, _c_strides(shape, a.dtype.itemsize), a.dtype,
-                             gpu_data=a.gpu_data)
+        return _array(shape, _c_strides(shape, a.dtype.itemsize), a.dtype, a.gpu_data)
 
 
 def _c_strides(shape, itemsize):

@@ -292,11 +292,13 @@ def inverse_positions(order, dropped, check=False):
 
 
 def combine(ys, pos, w, k, out, *, weighted=True):
-    """``out[t] = sum_j w[t, j] * ys[pos[t*k+j]]`` (kept slots, ascending j)."""
+    """``out[t] = sum_j w[t, j] * ys[pos[t*k+j]]`` (kept slots, ascending j). ``out`` has
+    ``ys``'s dtype, or is 16-bit with float32 ``ys`` (the float32 sum narrowed once, as
+    ``astype`` would)."""
     T, H = tuple(out.shape)
     if T and H:
         bs = A.block(_row_block(H))
-        kern = _combine_kernel(str(out.dtype), weighted)
+        kern = _combine_kernel(str(out.dtype), weighted, str(ys.dtype))
         launch(kern, A.grid(T * bs, bs, 16), bs, 0, A.bits(ys), pos, w, k, A.bits(out))
     return out
 
@@ -661,18 +663,17 @@ def _inverse_check_kernel(order, pos, dropped, bad):
 
 
 @functools.lru_cache(maxsize=None)
-def _combine_kernel(dtype, weighted):
+def _combine_kernel(dtype, weighted, ys_dtype):
     """``out[t] = sum_j w[t, j] * ys[pos[t*k + j]]``; accumulator in ``dtype``'s
     compute dtype (float32 for 16-bit ``ys``/``out``, passed as bits; ``w`` is in
-    the compute dtype).
+    the compute dtype). ``ys_dtype`` is ``dtype`` or, for a 16-bit ``out``, float32.
 
     ``weighted=False``: the rows already carry their weights (plain sum).
     """
     ft = float64 if dtype == "float64" else float32
     zero = ft(0)
-    kind = _narrow.kind_of(np.dtype(dtype))
-    ld = _narrow.loader(kind)
-    st = _narrow.storer(kind, ft)
+    ld = _narrow.loader(_narrow.kind_of(np.dtype(ys_dtype)))
+    st = _narrow.storer(_narrow.kind_of(np.dtype(dtype)), ft)
 
     @cuda.jit
     def kern(ys, pos, w, k, out):

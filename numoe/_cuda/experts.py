@@ -104,7 +104,7 @@ class _Work:
     """The work list of one grouped problem: (expert, row0, row1) tiles, built on the device.
 
     ``offsets`` is a device int array ``[E+1]`` and ``n_rows`` its last value
-    (known on the host). One single-thread kernel walks the experts and
+    (known on the host). One one-block kernel walks the experts and
     appends each expert's row tiles to the skinny table (experts with at most
     ``max_small`` rows) or to the tiled one; the GEMM kernels read the tile
     counts from the device, so nothing is copied back to the host. A table
@@ -112,7 +112,7 @@ class _Work:
     Launch grids use host upper bounds; blocks without a tile exit at once.
     """
 
-    def __init__(self, offsets, n_rows, force=None):
+    def __init__(self, offsets, n_rows, force=None, max_small=SKINNY_MAX_ROWS):
         self.offsets = offsets
         self.n_rows = int(n_rows)
         self.E = offsets.shape[0] - 1
@@ -121,7 +121,7 @@ class _Work:
         elif force == "skinny":
             self.max_small = self.n_rows + 1
         else:
-            self.max_small = SKINNY_MAX_ROWS
+            self.max_small = max_small
         self.force = force
         self._tabs = {}
 
@@ -141,8 +141,9 @@ class _Work:
             ts = A.empty((cap_s, 3), np.int64)
             tb = A.empty((cap_b, 3), np.int64)
             cnt = A.empty((2,), np.int64)
-            launch(_build_tiles, 1, 1, 0, self.offsets, self.max_small, bm_small, bm_big,
-                   ts, tb, cnt)
+            nt = A.block(256)
+            launch(_build_tiles, 1, nt, 2 * nt * 8, self.offsets, self.max_small, bm_small,
+                   bm_big, ts, tb, cnt)
             self._tabs[key] = (ts, tb, cnt, cap_s, cap_b)
         return self._tabs[key]
 
@@ -153,36 +154,72 @@ class _Work:
 
 @cuda.jit
 def _build_tiles(off, max_small, bm_small, bm_big, ts, tb, cnt):
-    """One thread: split each expert's rows into tiles of the small or the big kind."""
-    if cuda.grid(1) != 0:
-        return
-    ns = 0
-    nb = 0
+    """One block: split each expert's rows into tiles of the small or the big kind.
+
+    Experts are taken ``blockDim`` at a time: each thread counts its expert's
+    tiles, a block scan (Hillis-Steele over both kinds in shared memory) gives each
+    expert its first slot, then the whole block writes the experts' tiles one expert
+    after another -- the tables a serial walk over the experts would write.
+    """
+    sh = cuda.shared.array(0, int64)          # [2 * blockDim]: small, big
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
     E = off.shape[0] - 1
-    for e in range(E):
-        lo = int64(off[e])
-        hi = int64(off[e + 1])
-        c = hi - lo
-        if c <= 0:
-            continue
-        if c <= max_small:
-            r = lo
-            while r < hi and ns < ts.shape[0]:
-                ts[ns, 0] = e
-                ts[ns, 1] = r
-                ts[ns, 2] = min(hi, r + bm_small)
-                ns += 1
-                r += bm_small
-        else:
-            r = lo
-            while r < hi and nb < tb.shape[0]:
-                tb[nb, 0] = e
-                tb[nb, 1] = r
-                tb[nb, 2] = min(hi, r + bm_big)
-                nb += 1
-                r += bm_big
-    cnt[0] = ns
-    cnt[1] = nb
+    base_s = int64(0)
+    base_b = int64(0)
+    for e0 in range(0, E, nt):
+        e = e0 + tid
+        ns = int64(0)
+        nb = int64(0)
+        if e < E:
+            c = int64(off[e + 1]) - int64(off[e])
+            if c > 0:
+                if c <= max_small:
+                    ns = (c + bm_small - 1) // bm_small
+                else:
+                    nb = (c + bm_big - 1) // bm_big
+        sh[tid] = ns
+        sh[nt + tid] = nb
+        cuda.syncthreads()
+        d = 1
+        while d < nt:
+            a = sh[tid - d] if tid >= d else 0
+            b = sh[nt + tid - d] if tid >= d else 0
+            cuda.syncthreads()
+            sh[tid] += a
+            sh[nt + tid] += b
+            cuda.syncthreads()
+            d *= 2
+        for j in range(min(nt, E - e0)):      # inclusive sums: slot = base + sum - own
+            lo = int64(off[e0 + j])
+            hi = int64(off[e0 + j + 1])
+            c = hi - lo
+            if c <= 0:
+                continue
+            if c <= max_small:
+                n = (c + bm_small - 1) // bm_small
+                first = base_s + sh[j] - n
+                for i in range(tid, n, nt):
+                    if first + i < ts.shape[0]:
+                        r = lo + i * bm_small
+                        ts[first + i, 0] = e0 + j
+                        ts[first + i, 1] = r
+                        ts[first + i, 2] = min(hi, r + bm_small)
+            else:
+                n = (c + bm_big - 1) // bm_big
+                first = base_b + sh[nt + j] - n
+                for i in range(tid, n, nt):
+                    if first + i < tb.shape[0]:
+                        r = lo + i * bm_big
+                        tb[first + i, 0] = e0 + j
+                        tb[first + i, 1] = r
+                        tb[first + i, 2] = min(hi, r + bm_big)
+        base_s += sh[nt - 1]
+        base_b += sh[2 * nt - 1]
+        cuda.syncthreads()
+    if tid == 0:
+        cnt[0] = min(base_s, ts.shape[0])
+        cnt[1] = min(base_b, tb.shape[0])
 
 
 # ------------------------------------------------------------------- public
@@ -329,7 +366,6 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     narrow = a.dtype in A.NARROW or wg.dtype in A.NARROW or out.dtype in A.NARROW
     if sval is not None:
         sval = A.compute(sval)
-    hbuf = A.empty((N, F), dt)
     mode = "numba" if (force or narrow) else _gemm_mode(gemm)   # forcing a family: numba
     kd = kdiv if gidx is not None else 0
     rb = _rows_bound(a, gidx, kd, N)
@@ -340,8 +376,14 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     # too few blocks to stream its weights
     mma_all = (dec and _mma_decode_from() <= rb <= DECODE_MAX_ROWS
                and _mma_module().usable(a, wg, wu, wd))
-    work = _Work(off, N, "tiled" if mma_all else
-                 "skinny" if dec and rb <= DECODE_MAX_ROWS else force)
+    # many rows per expert on the tensor cores: every expert there too (a rare expert
+    # with few rows costs one part-empty tile; the GEMV beside it would cost two
+    # launches and their host time on every call)
+    mma_big = (narrow and not force and gemm != "numba" and not mma_all
+               and N > MMA_MIN_ROWS_PER_EXPERT * E and _mma_module().usable(a, wg, wu, wd))
+    work = _Work(off, N, "tiled" if mma_all or mma_big else
+                 "skinny" if dec and rb <= DECODE_MAX_ROWS else force,
+                 _cublas_min_rows() if mode == "cublas" else SKINNY_MAX_ROWS)
     dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
     didx = A.dummy(np.int64)
     g_idx = gidx if gidx is not None else didx
@@ -351,17 +393,15 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         from . import _cublas
 
         path = _cublas.run_ffn(a, gidx, kdiv, off, wg, wu, wd, bg, bu, bd, code, limit,
-                               alpha, out, sidx, sval, work, hbuf)
+                               alpha, out, sidx, sval, work, A.empty((N, F), dt))
         last_path.clear()
         last_path.update(path)
         return out
-    if (narrow and not force and gemm != "numba"
-            and (mma_all or (N > MMA_MIN_ROWS_PER_EXPERT * E
-                              and _mma_module().usable(a, wg, wu, wd)))
-            and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx,
-                         sval, work, N, F, rb)):
+    if (mma_all or mma_big) and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit,
+                                          alpha, out, sidx, sval, work, N, F):
         return out
     only = "tiled" if dec else None
+    hbuf = A.empty((N, F), dt)
     # layer 1: gate (+up) with the activation
     if glu:
         grouped_glu(a, g_idx, kd, wg, wu,
@@ -385,6 +425,12 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     last_path.clear()
     last_path.update({"up": desc, "down": desc, "gemm": "numba", "work": work})
     return out
+
+
+def _cublas_min_rows():
+    """Experts with more rows than this go to cuBLAS on the cuBLAS path
+    (``NUMOE_CUDA_CUBLAS_MIN_ROWS``, for tuning; default ``SKINNY_MAX_ROWS``)."""
+    return int(os.environ.get("NUMOE_CUDA_CUBLAS_MIN_ROWS", SKINNY_MAX_ROWS))
 
 
 def _rows_bound(a, gidx, kdiv, N):
@@ -438,16 +484,19 @@ def _mma_module():
 
 
 def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sidx, sval,
-             work, N, F, rb):
-    """The tensor-core path (:mod:`numoe._cuda.mma`) for experts with many rows, the
-    skinny numba kernels (or the 16-bit GEMV, row tiles sized by ``rb``, the host's bound
-    on an expert's rows) for the others; 16-bit ``h`` between the two layers.
-    Returns False when the tensor-core kernels cannot be built (nothing is final then:
-    the caller recomputes everything with the numba kernels)."""
+             work, N, F):
+    """Every expert of the work list (all "tiled") on the tensor cores
+    (:mod:`numoe._cuda.mma`), 16-bit ``h`` between the two layers. Returns False when
+    the tensor-core kernels cannot be built (nothing is final then: the caller
+    recomputes everything with the numba kernels)."""
     mma = _mma_module()
     glu = wu is not None
     h = A.empty((N, F), a.dtype)
     didx = A.dummy(np.int64)
+    if gidx is not None and gidx.dtype != np.int64:     # the C++ reads int64 indices:
+        g64 = A.astype(gidx, np.int64)                   # widen once (the layer passes
+        sidx = g64 if sidx is gidx else sidx             # its plan order as both)
+        gidx = g64
     g_idx = gidx if gidx is not None else didx
     kd = kdiv if gidx is not None else 0
     bm = mma.tile_rows(N, work.E)
@@ -459,28 +508,8 @@ def _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit, alpha, out, sid
     if not ok or not mma.plain(h, didx, 0, wd, bd, ACT_NONE, sidx, sval, out, tb, cnt, cap_b,
                                bm):
         return False
-    ct = A.compute_dtype(a.dtype)
-    dummy = A.dummy(ct)
-    if work.has("skinny") and _decode_ok(a, wg, wu, wd):
-        _decode_layer(True, a, g_idx, kd, wg, wu, bg, bu, code, limit, alpha, None, None, h,
-                      work, rb)
-        _decode_layer(False, h, didx, 0, wd, None, bd, None, ACT_NONE, 0.0, alpha, sidx, sval,
-                      out, work, rb)
-    elif work.has("skinny"):
-        if glu:
-            grouped_glu(a, g_idx, kd, wg, wu, bg if bg is not None else dummy, bg is not None,
-                        bu if bu is not None else dummy, bu is not None, code, limit, alpha, h,
-                        work, only="skinny")
-        else:
-            grouped_plain(a, g_idx, kd, wg, bg if bg is not None else dummy, bg is not None,
-                          code, alpha, didx, dummy, False, h, work, only="skinny")
-        grouped_plain(h, didx, 0, wd, bd if bd is not None else dummy, bd is not None,
-                      ACT_NONE, alpha, sidx if sidx is not None else didx,
-                      sval if sval is not None else dummy, sidx is not None, out, work,
-                      only="skinny")
     last_path.clear()
-    last_path.update({"up": "mma+" + work.describe(), "down": "mma+" + work.describe(),
-                      "gemm": "mma", "work": work})
+    last_path.update({"up": "mma", "down": "mma", "gemm": "mma", "work": work})
     return True
 
 

@@ -94,7 +94,28 @@ def _tensor_cores(a2, w3, res):
     if res.dtype not in (np.dtype(np.float32), a2.dtype) or not mma.usable(a2, w3, None, w3):
         return False
     bm = mma.tile_rows(M, 1)
-    work = X._Work(_range_offsets(M), M, "tiled")
-    _ts, tb, cnt, _cs, cap_b = work.tables(X._skinny_cfg()[0], bm)
+    tb, cnt = _row_tiles(M, bm)
     return mma.plain(a2, A.dummy(np.int64), 0, w3, None, X.ACT_NONE, None, None, res, tb,
-                     cnt, cap_b, bm)
+                     cnt, tb.shape[0], bm)
+
+
+_TILES: dict = {}
+
+
+def _row_tiles(M, bm):
+    """The tile table of one ``M``-row group in ``bm``-row tiles, as the work list's
+    ``(tiles, counts)``: built on the host and cached (the router's product at prefill
+    then costs no table kernel; a captured graph builds it on the device)."""
+    key = (M, bm)
+    if key in _TILES:
+        return _TILES[key]
+    if A.KEEP is not None:                 # capturing: no host copies
+        work = X._Work(_range_offsets(M), M, "tiled")
+        _ts, tb, cnt, _cs, _cap = work.tables(X._skinny_cfg()[0], bm)
+        return tb, cnt
+    r0 = np.arange(0, M, bm, dtype=np.int64)
+    tiles = np.stack([np.zeros_like(r0), r0, np.minimum(r0 + bm, M)], axis=1)
+    if len(_TILES) > 64:
+        _TILES.clear()
+    _TILES[key] = (cuda.to_device(tiles), cuda.to_device(np.array([0, len(r0)], np.int64)))
+    return _TILES[key]

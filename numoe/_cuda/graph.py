@@ -1,4 +1,5 @@
-"""Decode-sized device forwards replayed as captured CUDA graphs.
+"""Device forwards replayed as captured CUDA graphs (decode sizes, and prefill
+sizes of 16-bit layers).
 
 At decode sizes (a few tokens) the fused forward of :mod:`numoe._cuda.moe`
 is a dozen small kernels whose GPU time is far below what Python spends
@@ -13,8 +14,16 @@ kernel, so results are bit-identical to it.
 What the graph relies on, and how it is kept:
 
 * every launch goes to the capturing stream (``_launch.on_stream``);
-* every array the forward allocates is kept by the graph
-  (``_arrays.KEEP``), so its replays never write memory handed out again;
+* every array the forward allocates is carved from one arena shared by all
+  graphs (``_arrays.ARENA``; the graph keeps it, so its replays never write
+  memory handed out again). Replays run one at a time, in the order of the
+  legacy default stream, under a lock, and each one's output and routing
+  status are copied out before the next may start, so the graphs can share
+  their scratch memory: a 16-bit OLMoE-sized forward of 4096 tokens needs
+  about 350 MB, once, not once per graph. A capture that needs more than the
+  arena holds grows it (at least doubling; graphs captured before keep the
+  smaller arena) and captures again; past :data:`ARENA_LIMIT` bytes the
+  shape runs eagerly;
 * the weights are read through the addresses they had at capture: the cache
   key holds the identity of every weight array (in-place updates are seen,
   a replaced array means a new capture);
@@ -23,14 +32,19 @@ What the graph relies on, and how it is kept:
   of running out of order; such a shape is then run eagerly for good.
 
 Used for layers without a capacity (their forward has no host read-back)
-and ``x`` with at most :data:`MAX_TOKENS` tokens, C-contiguous; the
-numba GEMM kernels and the tensor-core tiles only (no cuBLAS; 16-bit weights:
-:mod:`numoe._cuda.mma`, or the split-K GEMV of :mod:`numoe._cuda.decode` where the
-tensor cores cannot run). ``NUMOE_CUDA_GRAPH=0`` turns it off.
+and C-contiguous ``x`` with at most :data:`MAX_TOKENS` tokens -- or, for
+16-bit expert weights (whose forward is the tensor-core tiles at any size),
+at most :data:`MAX_TOKENS_16` -- and at most :data:`MAX_GRAPHS` shapes per
+layer; the numba GEMM kernels and the tensor-core tiles only (no cuBLAS;
+16-bit weights: :mod:`numoe._cuda.mma`, or the split-K GEMV of
+:mod:`numoe._cuda.decode` where the tensor cores cannot run).
+``NUMOE_CUDA_GRAPH=0`` turns it off.
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
 
 import numpy as np
 
@@ -38,6 +52,9 @@ from . import _arrays as A
 from . import _launch as L
 
 MAX_TOKENS = 64
+MAX_TOKENS_16 = 16384
+MAX_GRAPHS = 16
+ARENA_LIMIT = int(float(os.environ.get("NUMOE_CUDA_GRAPH_ARENA_MB", "2048")) * 2**20)
 ENABLED = L.ENABLED and os.environ.get("NUMOE_CUDA_GRAPH", "1") != "0"
 
 _SEEN, _EAGER = "seen", "eager"     # cache states before a graph exists
@@ -61,7 +78,9 @@ def forward(layer, x):
     except TypeError:
         return None
     shape = tuple(x.shape)
-    if len(shape) < 1 or int(np.prod(shape[:-1], dtype=np.int64)) > MAX_TOKENS \
+    wg = (getattr(layer, "_dev", None) or {}).get("w_gate")
+    most = MAX_TOKENS_16 if wg is not None and wg.dtype in A.NARROW else MAX_TOKENS
+    if len(shape) < 1 or int(np.prod(shape[:-1], dtype=np.int64)) > most \
             or not x.is_c_contiguous() or x.size == 0:
         return None
     weights = _weights(layer)
@@ -69,6 +88,8 @@ def forward(layer, x):
     cache = layer.__dict__.setdefault("_graphs", {})
     state = cache.get(key)
     if state is None:                 # first call: the eager forward compiles every kernel
+        if sum(not isinstance(v, str) for v in cache.values()) >= MAX_GRAPHS:
+            return None
         cache[key] = _SEEN
         return None
     if state == _EAGER:
@@ -100,18 +121,37 @@ class _Graph:
 
     @classmethod
     def capture(cls, layer, x, weights):
+        """Capture in the shared arena; once more in a grown arena if it overflowed."""
+        arena = _arena()
+        with _LOCK:                      # no replay may use the arena meanwhile
+            for _ in range(2):
+                g = cls._capture(layer, x, weights, arena)
+                if g is None or arena.used <= arena.size:
+                    return g
+                need = arena.used
+                del g                    # overflowed: its extra arrays are freed with it
+                if need > ARENA_LIMIT:
+                    FAILURES.append(f"the forward needs {need} bytes of graph arena, "
+                                    f"more than NUMOE_CUDA_GRAPH_ARENA_MB allows")
+                    return None
+                arena = _arena(need)
+        return None
+
+    @classmethod
+    def _capture(cls, layer, x, weights, arena):
         from cuda.bindings import driver
 
         from . import moe
 
-        x_in = A.empty(tuple(x.shape), x.dtype)
         err, stream = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
         if int(err):
             return None
-        keep = [x_in, weights]
-        A.KEEP = keep
+        keep = [arena, weights]
+        arena.used = 0
+        A.KEEP, A.ARENA = keep, arena
         graph = None
         try:
+            x_in = A.empty(tuple(x.shape), x.dtype)
             with L.on_stream(int(stream)):
                 err, = driver.cuStreamBeginCapture(
                     stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
@@ -136,21 +176,23 @@ class _Graph:
             driver.cuStreamDestroy(stream)
             return None
         finally:
-            A.KEEP = None
+            A.KEEP = A.ARENA = None
         return cls(exec_, graph, stream, x_in, y, status, keep)
 
     def run(self, x):
-        """Replay on the legacy default stream (ordered with the caller's work)."""
+        """Replay on the legacy default stream (ordered with the caller's work); the
+        output and the status leave the shared arena before another replay may start."""
         from . import routing as R
 
         d = self.driver
         s0 = d.CUstream(0)
-        _check(d.cuMemcpyDtoDAsync(_ptr(self.x_in), _ptr(x), self.nbytes_x, s0))
-        _check(d.cuGraphLaunch(self.exec, s0))
         y = A.empty(tuple(self.y_out.shape), self.y_out.dtype)
-        _check(d.cuMemcpyDtoDAsync(_ptr(y), _ptr(self.y_out), self.nbytes_y, s0))
-        if self.status is not None:
-            R.check_status(self.status)
+        with _LOCK:
+            _check(d.cuMemcpyDtoDAsync(_ptr(self.x_in), _ptr(x), self.nbytes_x, s0))
+            _check(d.cuGraphLaunch(self.exec, s0))
+            _check(d.cuMemcpyDtoDAsync(_ptr(y), _ptr(self.y_out), self.nbytes_y, s0))
+            if self.status is not None:
+                R.check_status(self.status)
         return y
 
     def __del__(self):
@@ -160,6 +202,48 @@ class _Graph:
             self.driver.cuStreamDestroy(self.stream)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+_LOCK = threading.RLock()
+_ARENA = [None]
+_ALIGN = 256
+
+
+class _Arena:
+    """One device allocation that captures carve their arrays from, front to back."""
+
+    def __init__(self, size):
+        self.size = size
+        self.used = 0
+        self.mem = A.empty((max(size, 1),), np.uint8)     # CuPy's pool (or numba's)
+        self.base = self.mem.device_ctypes_pointer.value
+
+    def take(self, shape, dtype):
+        """A C-contiguous array at the next free offset, or None past the end (the
+        overflow is counted in ``used``: the capture is then repeated in a larger arena)."""
+        from numba.cuda.cudadrv import driver
+
+        nbytes = dtype.itemsize * math.prod(shape)
+        if nbytes == 0:
+            return None
+        off = self.used
+        self.used += -(-nbytes // _ALIGN) * _ALIGN
+        if self.used > self.size:
+            return None
+        data = driver.MemoryPointer(self.mem.gpu_data.context,
+                                    driver.binding.CUdeviceptr(self.base + off), size=nbytes,
+                                    owner=self.mem)
+        return A._array(shape, A._c_strides(shape, dtype.itemsize), dtype, data)
+
+
+def _arena(need=0):
+    """The shared arena, replaced by one of at least ``need`` bytes (and at least twice
+    the old size) when it is smaller; graphs captured in the old one keep it alive."""
+    cur = _ARENA[0]
+    if cur is None or cur.size < need:
+        size = max(need, 2 * cur.size if cur is not None else 1 << 20)
+        _ARENA[0] = cur = _Arena(-(-size // _ALIGN) * _ALIGN)
+    return cur
 
 
 def _ptr(a):

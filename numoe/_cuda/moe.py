@@ -12,7 +12,8 @@ a whole-layer driver may take:
   back once at the end: one host synchronisation per (dropless) call;
 * 16-bit ``x`` and weights: logits, routing weights, expert outputs and the
   combine are float32 (weights and ``x`` widened in registers), and ``y`` is
-  narrowed to ``x``'s dtype once at the end.
+  narrowed to ``x``'s dtype once at the end (by the combine itself when there
+  is no shared expert to add).
 
 Used by ``numoe._cuda.bench`` and available to the layer as
 ``numoe._cuda.moe.forward(layer, x)``.
@@ -82,8 +83,8 @@ def queue(layer, x, *, gemm=None, return_parts=False):
     cap = None
     dropped = None
     if cfg.capacity_factor is None:
-        pos = A.empty((m,), np.int64)
-        order, offsets, counts = D.multisplit(flat, E, pos=pos)
+        pos = A.empty((m,), np.int64)        # int64 order: what the tensor cores read
+        order, offsets, counts = D.multisplit(flat, E, order=A.empty((m,), np.int64), pos=pos)
     else:
         from ..dispatch import capacity
 
@@ -96,7 +97,9 @@ def queue(layer, x, *, gemm=None, return_parts=False):
                                                        dropped, E)
         pos = D.inverse_positions(order, dropped)
     N = int(order.shape[0])
-    y = A.empty((T, H), ct)
+    shared = layer._dev.get("shared") if hasattr(layer, "_dev") else None
+    # without a shared expert the combine narrows its float32 sums straight into y
+    y = A.empty((T, H), ct if shared is not None else x2.dtype)
     opts = _layer_code(cfg)
     if N:
         ys = A.empty((N, H), ct)
@@ -106,9 +109,8 @@ def queue(layer, x, *, gemm=None, return_parts=False):
                   ys, order, wflat, gemm=gemm)
         D.combine(ys, pos, wflat, k, y, weighted=False)
     elif T:
-        launch(A._fill, A.grid(T * H, A.block(256)), A.block(256), 0, A.reshape(y, (T * H,)),
-               0)
-    shared = layer._dev.get("shared") if hasattr(layer, "_dev") else None
+        launch(A._fill, A.grid(T * H, A.block(256)), A.block(256), 0,
+               A.reshape(A.bits(y), (T * H,)), 0)
     if shared is not None and T:
         sg, su, sd = shared
         sh = A.empty((T, H), ct)
