@@ -232,14 +232,10 @@ def _alloc(shape, dtype):
         if dtype in NARROW and not SIM:  # numba cannot allocate dtypes it does not know
             return cuda.device_array(shape, dtype=np.uint16).view(dtype)
         return cuda.device_array(shape, dtype=dtype)
-    if _ALLOC == "cupy-cai":
-        if dtype in NARROW:
-            return _alloc(shape, np.dtype(np.uint16)).view(dtype)
-        arr = _cupy.empty(shape, dtype=dtype)
-        desc = arr.__cuda_array_interface__
-        return cuda.from_cuda_array_interface(desc, owner=arr, sync=False)
     # a block of CuPy's pool wrapped directly: from_cuda_array_interface would build
     # the interface dict, look the context up and wrap CuPy's stream on every call
+    # (18-21 vs 9-10 us per array on an H200 host; OLMoE T=64 eager forward 1.43 vs
+    # 0.97 ms, 2026-12-02)
     from numba.cuda.cudadrv import driver
 
     nbytes = dtype.itemsize * math.prod(shape)
