@@ -196,24 +196,17 @@ def _build_tiles(off, max_small, bm_small, bm_big, ts, tb, cnt):
             c = hi - lo
             if c <= 0:
                 continue
-            if c <= max_small:
-                n = (c + bm_small - 1) // bm_small
-                first = base_s + sh[j] - n
-                for i in range(tid, n, nt):
-                    if first + i < ts.shape[0]:
-                        r = lo + i * bm_small
-                        ts[first + i, 0] = e0 + j
-                        ts[first + i, 1] = r
-                        ts[first + i, 2] = min(hi, r + bm_small)
-            else:
-                n = (c + bm_big - 1) // bm_big
-                first = base_b + sh[nt + j] - n
-                for i in range(tid, n, nt):
-                    if first + i < tb.shape[0]:
-                        r = lo + i * bm_big
-                        tb[first + i, 0] = e0 + j
-                        tb[first + i, 1] = r
-                        tb[first + i, 2] = min(hi, r + bm_big)
+            small = c <= max_small
+            bm = bm_small if small else bm_big
+            tab = ts if small else tb
+            n = (c + bm - 1) // bm
+            first = (base_s + sh[j] if small else base_b + sh[nt + j]) - n
+            for i in range(tid, n, nt):
+                if first + i < tab.shape[0]:
+                    r = lo + i * bm
+                    tab[first + i, 0] = e0 + j
+                    tab[first + i, 1] = r
+                    tab[first + i, 2] = min(hi, r + bm)
         base_s += sh[nt - 1]
         base_b += sh[2 * nt - 1]
         cuda.syncthreads()
