@@ -398,10 +398,13 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False, qwen=True):
                  F=cfg.expert_dim)
         t, _, y = B.timeit(lambda: moe.forward(lb, xb), None, budget)
         r["numoe_bf16_ms"], r["path"] = t * 1e3, X.last_path.get("gemm")
-        if G.captured(lb):
+        state = [v for kk, v in getattr(lb, "_graphs", {}).items() if kk[0] == tuple(xb.shape)]
+        if state and isinstance(state[0], G._Graph):
             r["path"] = "graph"
-            t, _, _ = B.timeit(lambda: moe.forward(lb, xb, graph=False), None, budget)
+            t, _, ye = B.timeit(lambda: moe.forward(lb, xb, graph=False), None, budget)
             r["numoe_bf16_eager_ms"] = t * 1e3
+            r["graph_eq_eager"] = bool(np.array_equal(h(y).view(np.uint16), h(ye).view(np.uint16)))
+            r["arena_MB"] = G._ARENA[0].size / 2**20 if G._ARENA[0] is not None else 0.0
         yb = h(y).astype(np.float64)
         t, _, _ = B.timeit(lambda: moe.forward(lb, xb, gemm="numba"), None, budget)
         r["numoe_bf16_numba_ms"] = t * 1e3
@@ -424,6 +427,9 @@ def layer_timings(budget, Ts=(1, 4, 16, 64, 512, 4096), small=False, qwen=True):
         best = min([v for kk, v in r.items() if kk.startswith("hf_bf16_") and kk.endswith("ms")]
                    or [float("nan")])
         r["hf_bf16_best_over_numoe"] = best / r["numoe_bf16_ms"]
+        if state and not isinstance(state[0], G._Graph):
+            r["graph_state"] = state[0]
+            r["graph_failures"] = list(G.FAILURES[-2:])
         RES["timings"].append(r)
         say("  " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in r.items()))

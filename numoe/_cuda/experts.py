@@ -62,11 +62,6 @@ last_path: dict = {}
 
 ACT_NONE = -1
 SKINNY_MAX_ROWS = 48        # experts with at most this many rows use the skinny kernel
-# The tensor-core path runs when the rows per expert average more than this (a host-side
-# bound, no synchronisation). Measured on an H200 (docs/gpu_results.md, 2026-12-01):
-# OLMoE T=512 (64 rows/expert) 4.1 ms vs 8.3 ms numba-only, T=4096 4.6 vs 24.3 ms; at
-# 32 rows/expert (Qwen3-MoE T=512) and below the numba kernels were faster.
-MMA_MIN_ROWS_PER_EXPERT = SKINNY_MAX_ROWS
 # With the 16-bit GEMV on and at most this many tokens, every expert goes through it,
 # or from MMA_DECODE_FROM tokens on through the tensor cores (32-row tiles) when they run
 # here: faster at every T measured (H200, 2026-12-02, OLMoE bf16 graph wall, T = 1, 4,
@@ -363,19 +358,16 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
     kd = kdiv if gidx is not None else 0
     rb = _rows_bound(a, gidx, kd, N)
     dec = gemm != "numba" and not force and _decode_ok(a, wg, wu, wd)
-    # decode-sized batches: every expert on the tensor cores (32-row tiles, each weight
-    # tile read once) where they run, else through the GEMV (row tiles of <= 8, weights
-    # re-read per tile) -- the numba tiled kernel on one or two 49..64-row experts has
-    # too few blocks to stream its weights
-    mma_all = (dec and _mma_decode_from() <= rb <= DECODE_MAX_ROWS
-               and _mma_module().usable(a, wg, wu, wd))
-    # many rows per expert on the tensor cores: every expert there too (a rare expert
-    # with few rows costs one part-empty tile; the GEMV beside it would cost two
-    # launches and their host time on every call)
-    mma_big = (narrow and not force and gemm != "numba" and not mma_all
-               and N > MMA_MIN_ROWS_PER_EXPERT * E and _mma_module().usable(a, wg, wu, wd))
-    work = _Work(off, N, "tiled" if mma_all or mma_big else
-                 "skinny" if dec and rb <= DECODE_MAX_ROWS else force,
+    # 16-bit experts run on the tensor cores at every size where they can: every expert
+    # of the call there (a rare expert with few rows costs one part-empty tile; a GEMV or
+    # numba kernel beside it would cost launches and their host time on every call), in
+    # 32-row tiles at decode sizes (each weight tile read once per expert). Decode-sized
+    # batches where they cannot, or below NUMOE_CUDA_MMA_DECODE_FROM tokens (tuning), go
+    # through the split-K GEMV (row tiles of <= 8, weights re-read per tile).
+    gemv = dec and rb <= DECODE_MAX_ROWS
+    mma = (narrow and not force and gemm != "numba"
+           and not (gemv and rb < _mma_decode_from()) and _mma_module().usable(a, wg, wu, wd))
+    work = _Work(off, N, "tiled" if mma else "skinny" if gemv else force,
                  _cublas_min_rows() if mode == "cublas" else SKINNY_MAX_ROWS)
     dummy = A.dummy(dt)               # stand-ins of the right types for absent arrays
     didx = A.dummy(np.int64)
@@ -390,7 +382,7 @@ def run_ffn(a, gidx, kdiv, off, N, wg, wu, wd, bg, bu, bd, code, limit, alpha, o
         last_path.clear()
         last_path.update(path)
         return out
-    if (mma_all or mma_big) and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit,
+    if mma and _run_mma(a, gidx, kdiv, wg, wu, wd, bg, bu, bd, code, limit,
                                           alpha, out, sidx, sval, work, N, F):
         return out
     only = "tiled" if dec else None

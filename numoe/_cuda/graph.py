@@ -78,7 +78,7 @@ def forward(layer, x):
     except TypeError:
         return None
     shape = tuple(x.shape)
-    wg = (getattr(layer, "_dev", None) or {}).get("w_gate")
+    wg = getattr(layer, "w_gate", None)
     most = MAX_TOKENS_16 if wg is not None and wg.dtype in A.NARROW else MAX_TOKENS
     if len(shape) < 1 or int(np.prod(shape[:-1], dtype=np.int64)) > most \
             or not x.is_c_contiguous() or x.size == 0:
