@@ -221,8 +221,6 @@ class _Arena:
     def take(self, shape, dtype):
         """A C-contiguous array at the next free offset, or None past the end (the
         overflow is counted in ``used``: the capture is then repeated in a larger arena)."""
-        from numba.cuda.cudadrv import driver
-
         nbytes = dtype.itemsize * math.prod(shape)
         if nbytes == 0:
             return None
@@ -230,10 +228,7 @@ class _Arena:
         self.used += -(-nbytes // _ALIGN) * _ALIGN
         if self.used > self.size:
             return None
-        data = driver.MemoryPointer(self.mem.gpu_data.context,
-                                    driver.binding.CUdeviceptr(self.base + off), size=nbytes,
-                                    owner=self.mem)
-        return A._array(shape, A._c_strides(shape, dtype.itemsize), dtype, data)
+        return A.wrap(self.mem.gpu_data.context, self.base + off, shape, dtype, self.mem)
 
 
 def _arena(need=0):
